@@ -1,0 +1,196 @@
+"""The engine loop: schedule -> run -> update sequences -> report outputs."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+
+import torch
+
+from longctx.config import EngineConfig, resolve_dtype
+from longctx.engine.kv_cache import BlockManager, blocks_for
+from longctx.engine.model_runner import ModelRunner
+from longctx.engine.outputs import RequestOutput
+from longctx.engine.scheduler import Scheduler
+from longctx.engine.sequence import Sequence
+from longctx.errors import OutOfKVMemoryError, PromptTooLongError
+from longctx.loading.checkpoint import Checkpoint
+from longctx.sampling_params import SamplingParams
+from longctx.tokenizer import IncrementalDetokenizer
+
+CPU_DEFAULT_BATCHED_TOKENS = 4096
+CUDA_DEFAULT_BATCHED_TOKENS = 32768
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class LLMEngine:
+    def __init__(self, checkpoint: Checkpoint, config: EngineConfig) -> None:
+        self.checkpoint = checkpoint
+        self.model_config = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
+        self.device = torch.device(config.device) if config.device else default_device()
+        self.dtype = resolve_dtype(config.dtype, self.device, self.model_config.torch_dtype)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        default_batched = (
+            CUDA_DEFAULT_BATCHED_TOKENS if self.device.type == "cuda" else CPU_DEFAULT_BATCHED_TOKENS
+        )
+        self.max_num_batched_tokens = config.max_num_batched_tokens or default_batched
+        self.runner = ModelRunner(
+            self.model_config, config, checkpoint.weights, self.device, self.dtype,
+            self.max_num_batched_tokens,
+        )
+        self.block_size = config.block_size
+        self.scheduler = Scheduler(
+            BlockManager(self.runner.num_blocks, config.block_size),
+            config.max_num_seqs, self.max_num_batched_tokens,
+        )
+        self._ids = itertools.count()
+        self._seqs: dict[str, Sequence] = {}
+        self._default_gen = torch.Generator(device=self.device).manual_seed(config.seed)
+
+    # --- requests -------------------------------------------------------------------------
+    def encode(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer: pass token ids")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def add_request(
+        self, prompt: str | Seq[int], params: SamplingParams, request_id: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+    ) -> str:
+        """Validate and queue a request; raises a LongctxError (and queues nothing) if it
+        cannot run. prompt_token_ids, if given, saves encoding the prompt again."""
+        ids = prompt_token_ids if prompt_token_ids is not None else self.encode(prompt)
+        self.check_fits(len(ids), params)
+        rid = request_id if request_id is not None else str(next(self._ids))
+        if rid in self._seqs:
+            raise ValueError(f"request id {rid!r} is already in use")
+        gen = None
+        if params.seed is not None and not params.greedy:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        elif not params.greedy:
+            gen = self._default_gen
+        detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer else None
+        seq = Sequence(
+            request_id=rid, prompt=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=ids, params=params, max_model_len=self.max_model_len,
+            detokenizer=detok, generator=gen,
+        )
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs.append(None)
+        self._seqs[rid] = seq
+        self.scheduler.add(seq)
+        return rid
+
+    def check_fits(self, num_prompt: int, params: SamplingParams) -> None:
+        if num_prompt == 0:
+            raise PromptTooLongError("prompt is empty: give at least one token")
+        if num_prompt >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {num_prompt} tokens, longer than the context limit of "
+                f"{self.max_model_len} tokens (max_model_len) minus one generated token"
+            )
+        need = min(num_prompt + params.max_tokens, self.max_model_len)
+        capacity = self.runner.kv_capacity_tokens
+        if blocks_for(need, self.block_size) > self.runner.num_blocks:
+            raise OutOfKVMemoryError(
+                f"request needs KV cache for {need} tokens but the cache holds {capacity} tokens "
+                "in all; raise kv_cache_gib (or gpu_memory_utilization), or shorten the prompt"
+            )
+
+    def abort(self, request_id: str) -> None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        result = self.runner.execute(batch)
+        outputs = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            if result.prompt_logprobs[i] is not None:
+                self._record_prompt_logprobs(seq, result.prompt_logprobs[i])
+            seq.num_computed_tokens += n
+            if result.token_ids[i] is not None:
+                self._append(seq, result.token_ids[i], result.logprobs[i])
+            outputs.append(self._output(seq))
+            if seq.is_finished:
+                self._seqs.pop(seq.request_id, None)
+        return outputs
+
+    def _record_prompt_logprobs(self, seq: Sequence, lps: list[dict[int, float]]) -> None:
+        # After a preemption the prompt is recomputed: keep what was recorded the first time.
+        known = len(seq.prompt_logprobs) - 1
+        start = seq.num_computed_tokens
+        seq.prompt_logprobs.extend(lps[max(0, known - start):])
+
+    def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> None:
+        seq.token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        produced = len(seq.token_ids) - seq.num_prompt_tokens
+        params = seq.params
+        if seq.detokenizer is not None:
+            seq.detokenizer.add(token)
+            seq.text = seq.detokenizer.text
+        reason = None
+        if produced >= params.min_tokens:
+            if not params.ignore_eos and token in self._eos_ids():
+                reason = "stop"
+            elif token in params.stop_token_ids:
+                reason = "stop"
+            elif params.stop and self._cut_stop_string(seq):
+                reason = "stop"
+        if reason is None and (produced >= params.max_tokens or seq.num_tokens >= seq.max_model_len):
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        if self.tokenizer is not None and self.tokenizer.eos_token_ids:
+            return self.tokenizer.eos_token_ids
+        return self.model_config.eos_token_ids
+
+    @staticmethod
+    def _cut_stop_string(seq: Sequence) -> bool:
+        # Only the tail can contain a new match: the last token added at most len(text) chars.
+        window = max(len(s) for s in seq.params.stop) + 64
+        start = max(0, len(seq.text) - window)
+        hits = [p for s in seq.params.stop if (p := seq.text.find(s, start)) >= 0]
+        if not hits:
+            return False
+        seq.text = seq.text[: min(hits)]
+        return True
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        hold = 0 if seq.is_finished or not seq.params.stop else max(map(len, seq.params.stop)) - 1
+        visible = max(seq.streamed_chars, len(seq.text) - hold)
+        new_text = seq.text[seq.streamed_chars: visible]
+        seq.streamed_chars = visible
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=seq.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            text=seq.text,
+            new_text=new_text,
+            token_ids=list(seq.output_token_ids),
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            prompt_logprobs=(
+                list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None
+            ),
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            num_computed_prompt_tokens=min(seq.num_computed_tokens, seq.num_prompt_tokens),
+        )
+

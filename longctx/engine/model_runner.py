@@ -1,0 +1,162 @@
+"""Owns the model, its KV cache and the attention backend; runs one scheduled batch per call."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from longctx.config import EngineConfig, ModelConfig
+from longctx.engine.kv_cache import allocate_kv_caches, blocks_for, kv_bytes_per_token
+from longctx.engine.scheduler import ScheduledBatch
+from longctx.errors import OutOfKVMemoryError
+from longctx.layers.attention import BatchLayout, ForwardContext, KVCache
+from longctx.layers.attention.registry import make_backend
+from longctx.layers.sampler import SampleRequest, sample, top_logprobs
+from longctx.models.qwen2 import Qwen2ForCausalLM, init_random_weights
+
+log = logging.getLogger(__name__)
+
+WeightSource = Callable[[], Iterator[tuple[str, torch.Tensor]]] | None
+
+CPU_DEFAULT_KV_GIB = 4.0
+PROMPT_LOGPROB_ROWS = 1024  # rows of [rows, vocab] float32 logits materialised at once
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """Per sequence of the batch: the sampled token (None if still prefilling) and logprobs."""
+
+    token_ids: tuple[int | None, ...]
+    logprobs: tuple[dict[int, float] | None, ...]
+    prompt_logprobs: tuple[list[dict[int, float]] | None, ...]
+
+
+class ModelRunner:
+    def __init__(
+        self, model_config: ModelConfig, engine_config: EngineConfig, weights: WeightSource,
+        device: torch.device, dtype: torch.dtype, max_num_batched_tokens: int,
+    ) -> None:
+        self.config = model_config
+        self.device, self.dtype = device, dtype
+        self.block_size = engine_config.block_size
+        self.model = build_model(model_config, weights, device, dtype, engine_config.seed)
+        self.backend = make_backend(engine_config.attention_backend, model_config, device.type)
+        self.num_blocks = self._kv_capacity(engine_config, max_num_batched_tokens)
+        self.kv_caches: tuple[KVCache, ...] = allocate_kv_caches(
+            model_config, self.num_blocks, self.block_size, dtype, device
+        )
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def _kv_capacity(self, cfg: EngineConfig, max_batched: int) -> int:
+        per_block = kv_bytes_per_token(self.config, self.dtype) * self.block_size
+        if cfg.kv_cache_gib is not None:
+            budget = cfg.kv_cache_gib * 2**30
+        elif self.device.type == "cuda":
+            budget = self._profile_cuda_budget(cfg, max_batched)
+        else:
+            budget = CPU_DEFAULT_KV_GIB * 2**30
+        num_blocks = int(budget // per_block)
+        if num_blocks < 1:
+            raise OutOfKVMemoryError(
+                f"KV cache budget of {budget / 2**20:.1f} MiB holds no block of {self.block_size} "
+                f"tokens ({per_block / 2**20:.2f} MiB each); raise kv_cache_gib"
+            )
+        return num_blocks
+
+    def _profile_cuda_budget(self, cfg: EngineConfig, max_batched: int) -> float:
+        """Free memory after weights and one full-size forward pass (peak activations)."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        blocks = blocks_for(max_batched, self.block_size)
+        caches = allocate_kv_caches(self.config, blocks, self.block_size, self.dtype, self.device)
+        table = tuple(range(blocks))
+        layout = BatchLayout((max_batched,), (max_batched,), (table,), self.block_size)
+        ids = torch.zeros(max_batched, dtype=torch.int64, device=self.device)
+        with torch.inference_mode():
+            meta = self.backend.prepare(layout, self.device)
+            hidden = self.model(ids, ForwardContext(self.backend, meta, caches))
+            self.model.compute_logits(hidden[-1:])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        cache_bytes = sum(c.k.numel() * 2 for c in caches) * caches[0].k.element_size()
+        del caches, hidden
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return total * cfg.gpu_memory_utilization - (peak - cache_bytes)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        ids, layout = self._inputs(batch)
+        meta = self.backend.prepare(layout, self.device)
+        hidden = self.model(ids, ForwardContext(self.backend, meta, self.kv_caches))
+        sampling = [i for i in range(len(batch.seqs)) if batch.samples(i)]
+        rows = [meta.query_starts[i + 1] - 1 for i in sampling]
+        tokens: list[int | None] = [None] * len(batch.seqs)
+        lps: list[dict[int, float] | None] = [None] * len(batch.seqs)
+        if sampling:
+            logits = self.model.compute_logits(hidden[rows])
+            reqs = [SampleRequest(batch.seqs[i].params, batch.seqs[i].generator) for i in sampling]
+            result = sample(logits, reqs)
+            for j, i in enumerate(sampling):
+                tokens[i], lps[i] = result.token_ids[j], result.logprobs[j]
+        prompt_lps = tuple(
+            self._prompt_logprobs(batch, i, hidden, meta.query_starts[i])
+            for i in range(len(batch.seqs))
+        )
+        return StepOutput(tuple(tokens), tuple(lps), prompt_lps)
+
+    def _inputs(self, batch: ScheduledBatch) -> tuple[torch.Tensor, BatchLayout]:
+        ids: list[int] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            ids.extend(seq.token_ids[seq.num_computed_tokens: seq.num_computed_tokens + n])
+        layout = BatchLayout(
+            query_lens=batch.num_new_tokens,
+            context_lens=tuple(s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens)),
+            block_tables=tuple(tuple(s.block_table) for s in batch.seqs),
+            block_size=self.block_size,
+        )
+        tensor = torch.tensor(ids, dtype=torch.int64)
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor, layout
+
+    def _prompt_logprobs(
+        self, batch: ScheduledBatch, i: int, hidden: torch.Tensor, start: int
+    ) -> list[dict[int, float]] | None:
+        """Logprobs of the prompt tokens this chunk predicts (row p predicts token p + 1)."""
+        seq, n = batch.seqs[i], batch.num_new_tokens[i]
+        want = seq.params.prompt_logprobs
+        if want is None:
+            return None
+        first = seq.num_computed_tokens
+        last = min(first + n, seq.num_prompt_tokens - 1)  # positions whose successor is prompt
+        out: list[dict[int, float]] = []
+        for a in range(first, last, PROMPT_LOGPROB_ROWS):
+            b = min(a + PROMPT_LOGPROB_ROWS, last)
+            logits = self.model.compute_logits(hidden[start + a - first: start + b - first])
+            targets = torch.tensor(seq.token_ids[a + 1: b + 1], device=logits.device)
+            out.extend(top_logprobs(torch.log_softmax(logits, -1), want, targets))
+        return out
+
+
+def build_model(
+    config: ModelConfig, weights: WeightSource, device: torch.device, dtype: torch.dtype, seed: int
+) -> Qwen2ForCausalLM:
+    """Build on the meta device, then materialise once on the target in the target dtype."""
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if weights is None:
+        init_random_weights(model, seed)
+    else:
+        model.load_weights(weights())
+    return model.eval()
+

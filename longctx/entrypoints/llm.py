@@ -1,0 +1,140 @@
+"""Offline Python API: `LLM(model=...).generate(prompts, params)`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from tqdm import tqdm
+
+from longctx.config import DCAConfig, EngineConfig
+from longctx.engine.llm_engine import LLMEngine
+from longctx.engine.outputs import RequestOutput
+from longctx.loading.checkpoint import load_checkpoint
+from longctx.loading.checkpoint import Checkpoint
+from longctx.sampling_params import SamplingParams
+
+Prompt = str | Sequence[int]
+Message = dict[str, str]
+
+
+class LLM:
+    """A model ready to generate.
+
+    model: a Hugging Face directory, a .gguf file, or None for the default model.
+    dca: turn Dual Chunk Attention on for a model whose config.json lacks it.
+    Other keyword arguments are EngineConfig fields (max_model_len, max_num_batched_tokens,
+    kv_cache_gib, block_size, device, ...).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        dtype: str = "auto",
+        *,
+        checkpoint: Checkpoint | None = None,
+        dca: DCAConfig | None = None,
+        **engine_kwargs,
+    ) -> None:
+        ckpt = checkpoint if checkpoint is not None else load_checkpoint(model)
+        if dca is not None:
+            ckpt = dataclasses.replace(ckpt, config=ckpt.config.with_dca(dca))
+        self.engine = LLMEngine(ckpt, EngineConfig(dtype=dtype, **engine_kwargs))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+        on_output: Callable[[RequestOutput], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order.
+
+        Each prompt is a string or a list of token ids. All prompts are validated before any
+        work starts, so one bad prompt leaves nothing queued. on_output sees every step's
+        update (for streaming).
+        """
+        prompts = _as_prompt_list(prompts)
+        plist = _as_params_list(params, len(prompts))
+        token_ids = [self.engine.encode(p) for p in prompts]
+        for toks, sp in zip(token_ids, plist):
+            self.engine.check_fits(len(toks), sp)
+        ids = [
+            self.engine.add_request(p, sp, prompt_token_ids=toks)
+            for p, sp, toks in zip(prompts, plist, token_ids)
+        ]
+        final: dict[str, RequestOutput] = {}
+        bar = _PrefillProgress(sum(map(len, token_ids))) if use_tqdm else None
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if bar is not None:
+                        bar.update(out)
+                    if on_output is not None:
+                        on_output(out)
+                    if out.finished:
+                        final[out.request_id] = out
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [final[r] for r in ids]
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        **kwargs,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer, so no chat template")
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.tokenizer.apply_chat_template(list(c)) for c in convs]
+        return self.generate(prompts, params, **kwargs)
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if prompts and isinstance(prompts[0], int):
+        return [list(prompts)]
+    return list(prompts)
+
+
+def _as_params_list(
+    params: SamplingParams | Sequence[SamplingParams] | None, n: int
+) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+    return list(params)
+
+
+class _PrefillProgress:
+    """tqdm bar on stderr over prompt tokens prefilled: tokens done, tokens/s, ETA."""
+
+    def __init__(self, total: int) -> None:
+        self.bar = tqdm(total=total, unit="tok", desc="prefill", file=sys.stderr,
+                        dynamic_ncols=True, leave=False)
+        self.done: dict[str, int] = {}
+
+    def update(self, out: RequestOutput) -> None:
+        self.done[out.request_id] = out.num_computed_prompt_tokens
+        self.bar.update(sum(self.done.values()) - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()

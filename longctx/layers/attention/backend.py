@@ -1,0 +1,136 @@
+"""The attention-backend interface.
+
+A backend owns everything position-dependent in attention: RoPE (DCA rotates queries several
+ways), writing new keys/values into the paged cache, and the attention itself. The model hands it
+unrotated q/k/v and gets the attention output back, so DCA, sparse and Triton backends plug in
+without touching the model.
+
+The runner describes each forward pass with a `BatchLayout` (host lists); the backend turns it
+once per step into its own `AttentionMetadata` (device tensors), shared by every layer.
+
+Paged cache layout, per layer: k and v each [num_blocks, block_size, num_kv_heads, head_dim].
+Token t of a sequence lives in block block_table[t // block_size], row t % block_size:
+
+    block_table = [7, 2, 9]          block_size = 4
+    tokens 0..3 -> block 7, tokens 4..7 -> block 2, tokens 8..11 -> block 9
+    slot(t) = block_table[t // 4] * 4 + t % 4
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from longctx.config import ModelConfig
+from longctx.layers.rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """One layer's paged cache: k, v [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[1]
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """What one forward pass computes, per sequence in batch order (host-side).
+
+    query_lens[i] new tokens of sequence i are processed; context_lens[i] is its cached length
+    after this pass (earlier tokens + the new ones); block_tables[i] covers context_lens[i].
+    """
+
+    query_lens: tuple[int, ...]
+    context_lens: tuple[int, ...]
+    block_tables: tuple[tuple[int, ...], ...]
+    block_size: int
+
+    def __post_init__(self) -> None:
+        if not (len(self.query_lens) == len(self.context_lens) == len(self.block_tables)):
+            raise ValueError("BatchLayout fields must have one entry per sequence")
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(n == 1 for n in self.query_lens)
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Per-step device tensors shared by all layers.
+
+    positions [T]: absolute position of each new token; slot_mapping [T]: its cache slot;
+    query_starts: host offsets of each sequence's tokens in the flat batch (len B + 1).
+    """
+
+    layout: BatchLayout
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    query_starts: tuple[int, ...]
+    block_table: torch.Tensor  # [B, max_blocks] int64, padded with 0
+    context_lens: torch.Tensor  # [B] int64
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """Everything attention layers need for one pass, passed explicitly through the model."""
+
+    backend: AttentionBackend
+    meta: AttentionMetadata
+    kv_caches: tuple[KVCache, ...]
+
+
+class AttentionBackend(ABC):
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.scale = config.head_dim**-0.5
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def prepare(self, layout: BatchLayout, device: torch.device) -> AttentionMetadata:
+        """Build the step's metadata; subclasses extend it with what their kernels need."""
+        return build_common_metadata(layout, device)
+
+    @abstractmethod
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D], unrotated -> attention output [T, Hq, D]."""
+
+
+def build_common_metadata(layout: BatchLayout, device: torch.device) -> AttentionMetadata:
+    bs = layout.block_size
+    width = max((len(t) for t in layout.block_tables), default=0)
+    table = torch.zeros((len(layout.block_tables), max(width, 1)), dtype=torch.int64)
+    positions, slots, starts = [], [], [0]
+    for i, (qlen, ctx, blocks) in enumerate(
+        zip(layout.query_lens, layout.context_lens, layout.block_tables)
+    ):
+        table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+        pos = torch.arange(ctx - qlen, ctx, dtype=torch.int64)
+        positions.append(pos)
+        slots.append(table[i, pos // bs] * bs + pos % bs)
+        starts.append(starts[-1] + qlen)
+    return AttentionMetadata(
+        layout=layout,
+        positions=_to(torch.cat(positions), device),
+        slot_mapping=_to(torch.cat(slots), device),
+        query_starts=tuple(starts),
+        block_table=_to(table, device),
+        context_lens=_to(torch.tensor(layout.context_lens, dtype=torch.int64), device),
+    )
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t

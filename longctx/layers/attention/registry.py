@@ -1,0 +1,17 @@
+from longctx.config import ModelConfig
+from longctx.errors import ConfigError
+from longctx.layers.attention.backend import AttentionBackend
+from longctx.layers.attention.torch_backend import TorchAttentionBackend
+
+BACKENDS: dict[str, type[AttentionBackend]] = {
+    "torch": TorchAttentionBackend,
+}
+
+
+def make_backend(name: str, config: ModelConfig, device_type: str) -> AttentionBackend:
+    """'auto' picks the fastest backend available for the device and the model's settings."""
+    if name == "auto":
+        name = "torch"
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown attention backend {name!r} (available: {', '.join(BACKENDS)})")
+    return BACKENDS[name](config)

@@ -1,0 +1,9 @@
+import os
+
+import torch
+
+# The Triton interpreter must be chosen before any @triton.jit function is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
