@@ -7,3 +7,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def device_under_test() -> torch.device:
+    """Device the device-generic tests run on: LONGCTX_TEST_DEVICE (default cpu)."""
+    return torch.device(os.environ.get("LONGCTX_TEST_DEVICE", "cpu"))

@@ -7,23 +7,40 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from longctx.config import EngineConfig, resolve_dtype
+from longctx.config import DCAConfig, EngineConfig, ModelConfig, resolve_dtype
 from longctx.engine.kv_cache import BlockManager, blocks_for
 from longctx.engine.model_runner import ModelRunner
 from longctx.engine.outputs import RequestOutput
 from longctx.engine.scheduler import Scheduler
 from longctx.engine.sequence import Sequence
-from longctx.errors import OutOfKVMemoryError, PromptTooLongError
+from longctx.errors import ConfigError, OutOfKVMemoryError, PromptTooLongError
 from longctx.loading.checkpoint import Checkpoint
 from longctx.sampling_params import SamplingParams
 from longctx.tokenizer import IncrementalDetokenizer
 
 CPU_DEFAULT_BATCHED_TOKENS = 4096
 CUDA_DEFAULT_BATCHED_TOKENS = 32768
+DCA_DEFAULT_MAX_MODEL_LEN = 1_048_576  # DCA runs far past the trained length
 
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_max_model_len(model: ModelConfig) -> int:
+    if model.dca is not None:
+        return max(model.max_position_embeddings, DCA_DEFAULT_MAX_MODEL_LEN)
+    return model.max_position_embeddings
+
+
+def check_dca_block_size(dca: DCAConfig, block_size: int) -> None:
+    # DCA chunk boundaries must fall on KV-block boundaries (kernels handle a block as a unit).
+    if dca.chunk_len % block_size:
+        raise ConfigError(
+            f"DCA chunk_len = chunk_size - local_size = {dca.chunk_size} - {dca.local_size} = "
+            f"{dca.chunk_len} is not a multiple of the KV block_size ({block_size}); "
+            "pick a block_size that divides it"
+        )
 
 
 class LLMEngine:
@@ -33,7 +50,9 @@ class LLMEngine:
         self.tokenizer = checkpoint.tokenizer
         self.device = torch.device(config.device) if config.device else default_device()
         self.dtype = resolve_dtype(config.dtype, self.device, self.model_config.torch_dtype)
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        if self.model_config.dca is not None:
+            check_dca_block_size(self.model_config.dca, config.block_size)
+        self.max_model_len = config.max_model_len or default_max_model_len(self.model_config)
         default_batched = (
             CUDA_DEFAULT_BATCHED_TOKENS if self.device.type == "cuda" else CPU_DEFAULT_BATCHED_TOKENS
         )
@@ -75,7 +94,7 @@ class LLMEngine:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
         elif not params.greedy:
             gen = self._default_gen
-        detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer else None
+        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
         seq = Sequence(
             request_id=rid, prompt=prompt if isinstance(prompt, str) else None,
             prompt_token_ids=ids, params=params, max_model_len=self.max_model_len,
@@ -142,8 +161,7 @@ class LLMEngine:
         produced = len(seq.token_ids) - seq.num_prompt_tokens
         params = seq.params
         if seq.detokenizer is not None:
-            seq.detokenizer.add(token)
-            seq.text = seq.detokenizer.text
+            seq.text += seq.detokenizer.add(token)
         reason = None
         if produced >= params.min_tokens:
             if not params.ignore_eos and token in self._eos_ids():
@@ -155,6 +173,8 @@ class LLMEngine:
         if reason is None and (produced >= params.max_tokens or seq.num_tokens >= seq.max_model_len):
             reason = "length"
         if reason is not None:
+            if reason == "length" and seq.detokenizer is not None:
+                seq.text += seq.detokenizer.flush()
             self.scheduler.finish(seq, reason)
 
     def _eos_ids(self) -> tuple[int, ...]:

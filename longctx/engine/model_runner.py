@@ -121,10 +121,7 @@ class ModelRunner:
             block_tables=tuple(tuple(s.block_table) for s in batch.seqs),
             block_size=self.block_size,
         )
-        tensor = torch.tensor(ids, dtype=torch.int64)
-        if self.device.type == "cuda":
-            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor, layout
+        return torch.tensor(ids, dtype=torch.int64).to(self.device), layout
 
     def _prompt_logprobs(
         self, batch: ScheduledBatch, i: int, hidden: torch.Tensor, start: int

@@ -4,15 +4,18 @@ import pytest
 import torch
 
 from longctx import LLM, SamplingParams
+from tests.conftest import device_under_test
 from tests.hf_reference import checkpoint_of, hf_greedy, hf_logprobs, tiny_hf_model
 
 TOL = 1e-4
+DEV = device_under_test()
 
 
 def make_llm(hf, **kw) -> LLM:
+    kw.setdefault("device", str(DEV))
     kw.setdefault("block_size", 16)
     kw.setdefault("kv_cache_gib", 0.05)
-    return LLM(checkpoint=checkpoint_of(hf), dtype="float32", device="cpu", **kw)
+    return LLM(checkpoint=checkpoint_of(hf), dtype="float32", **kw)
 
 
 def random_prompts(lengths, vocab=320, seed=0):

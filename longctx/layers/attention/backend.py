@@ -131,6 +131,4 @@ def build_common_metadata(layout: BatchLayout, device: torch.device) -> Attentio
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
+    return t.to(device)
