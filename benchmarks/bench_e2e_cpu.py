@@ -50,30 +50,56 @@ def main() -> None:
         for n in lengths:
             ids = prompt(n, vocab, seed=n)
             x = torch.tensor([ids])
-            t_hf = best_of(args.repeats, lambda: hf(x, logits_to_keep=1))
+            t_hf = best_of(args.repeats, lambda x=x: hf(x, logits_to_keep=1))
             one = SamplingParams(max_tokens=1, temperature=0)
-            t_us = best_of(args.repeats, lambda: llm.generate([ids], one))
-            rows.append({"what": f"prefill {n} tokens (tok/s)", "transformers": n / t_hf,
-                         "longctx": n / t_us, "longctx_over_transformers": t_hf / t_us})
+            t_us = best_of(args.repeats, lambda ids=ids, one=one: llm.generate([ids], one))
+            rows.append(
+                {
+                    "what": f"prefill {n} tokens (tok/s)",
+                    "transformers": n / t_hf,
+                    "longctx": n / t_us,
+                    "longctx_over_transformers": t_hf / t_us,
+                }
+            )
             print(rows[-1], flush=True)
         ids = prompt(args.decode_ctx, vocab, seed=1)
         x = torch.tensor([ids])
         steps = args.decode_steps
         kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
-        hf_1 = best_of(args.repeats, lambda: hf.generate(x, max_new_tokens=1, min_new_tokens=1, **kw))
-        hf_n = best_of(args.repeats, lambda: hf.generate(
-            x, max_new_tokens=steps + 1, min_new_tokens=steps + 1, **kw))
-        us_1 = best_of(args.repeats, lambda: llm.generate(
-            [ids], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)))
-        us_n = best_of(args.repeats, lambda: llm.generate(
-            [ids], SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)))
+        hf_1 = best_of(
+            args.repeats, lambda: hf.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
+        )
+        hf_n = best_of(
+            args.repeats,
+            lambda: hf.generate(x, max_new_tokens=steps + 1, min_new_tokens=steps + 1, **kw),
+        )
+        us_1 = best_of(
+            args.repeats,
+            lambda: llm.generate(
+                [ids], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+            ),
+        )
+        us_n = best_of(
+            args.repeats,
+            lambda: llm.generate(
+                [ids], SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
+            ),
+        )
         hf_tps, us_tps = steps / (hf_n - hf_1), steps / (us_n - us_1)
-        rows.append({"what": f"decode batch 1, ctx {args.decode_ctx} (tok/s)", "transformers": hf_tps,
-                     "longctx": us_tps, "longctx_over_transformers": us_tps / hf_tps})
+        rows.append(
+            {
+                "what": f"decode batch 1, ctx {args.decode_ctx} (tok/s)",
+                "transformers": hf_tps,
+                "longctx": us_tps,
+                "longctx_over_transformers": us_tps / hf_tps,
+            }
+        )
         print(rows[-1], flush=True)
-    notes = ("Default model (Qwen2.5-Coder-0.5B-Instruct, GGUF dequantized to float32) on the CPU; "
-             "transformers loads the same GGUF, SDPA attention, logits_to_keep=1 for prefill; "
-             f"best of {args.repeats}; longctx with its defaults (prefill chunks of 4096 tokens).")
+    notes = (
+        "Default model (Qwen2.5-Coder-0.5B-Instruct, GGUF dequantized to float32) on the CPU; "
+        "transformers loads the same GGUF, SDPA attention, logits_to_keep=1 for prefill; "
+        f"best of {args.repeats}; longctx with its defaults (prefill chunks of 4096 tokens)."
+    )
     write_results(out_dir(args.out), "e2e_cpu", environment(), rows, notes)
 
 

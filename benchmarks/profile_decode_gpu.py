@@ -26,8 +26,12 @@ def main() -> None:
     ap.add_argument("--backend", default="torch")
     args = ap.parse_args()
     cfg = builtin_config("qwen2.5-7b-instruct-1m").with_dca(None)
-    llm = LLM(checkpoint=Checkpoint(cfg, None, "random", None), dtype="bfloat16",
-              attention_backend=args.backend, kv_cache_gib=8)
+    llm = LLM(
+        checkpoint=Checkpoint(cfg, None, "random", None),
+        dtype="bfloat16",
+        attention_backend=args.backend,
+        kv_cache_gib=8,
+    )
     eng = llm.engine
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
@@ -45,7 +49,10 @@ def main() -> None:
         for _ in range(5):
             eng.step()
         torch.cuda.synchronize()
-    print(f"decode step: {step_ms:.2f} ms at batch {args.batch} ({args.batch / step_ms * 1e3:.1f} tok/s)")
+    print(
+        f"decode step: {step_ms:.2f} ms at batch {args.batch} "
+        f"({args.batch / step_ms * 1e3:.1f} tok/s)"
+    )
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
 

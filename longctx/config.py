@@ -92,8 +92,16 @@ class ModelConfig:
                 f"unsupported architecture {self.architecture!r} "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model config: {name} must be positive")
         if self.num_heads % self.num_kv_heads:
@@ -118,6 +126,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
         """Translate a Hugging Face config.json dictionary."""
+        d = _normalized_rope(d)
         arch = _architecture_of(d)
         try:
             hidden = int(d["hidden_size"])
@@ -152,6 +161,24 @@ class ModelConfig:
             raise ConfigError(f"config.json has an invalid value: {e}") from None
 
 
+def _normalized_rope(d: dict[str, Any]) -> dict[str, Any]:
+    """Move transformers >= 5's `rope_parameters` to the top-level keys `from_hf` reads.
+
+    transformers 5 saves rope_theta inside {"rope_parameters": {"rope_theta", "rope_type"}};
+    older files have top-level rope_theta and rope_scaling. A scaled RoPE (yarn, linear, llama3)
+    is refused rather than silently run unscaled.
+    """
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"rope settings must be an object, got {rope!r}")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise ConfigError(f"RoPE scaling {kind!r} is not supported (only unscaled RoPE)")
+    if "rope_theta" not in d and "rope_theta" in rope:
+        return {**d, "rope_theta": rope["rope_theta"]}
+    return d
+
+
 def _architecture_of(d: dict[str, Any]) -> str:
     for name in d.get("architectures") or ():
         if name in _HF_ARCHITECTURES:
@@ -177,7 +204,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
-    """'auto' picks float32 on the CPU (no fast bf16 there) and the checkpoint's half type on GPU."""
+    """'auto': float32 on the CPU (no fast bf16 there), the checkpoint's half type on GPU."""
     if name == "auto":
         if device.type == "cpu":
             return torch.float32

@@ -42,10 +42,14 @@ class SamplingParams:
             (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
-            (self.logprobs is None or self.logprobs >= 0,
-             f"logprobs must be >= 0, got {self.logprobs}"),
-            (self.prompt_logprobs is None or self.prompt_logprobs >= 0,
-             f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}"),
+            (
+                self.logprobs is None or self.logprobs >= 0,
+                f"logprobs must be >= 0, got {self.logprobs}",
+            ),
+            (
+                self.prompt_logprobs is None or self.prompt_logprobs >= 0,
+                f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}",
+            ),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
         ]
         for ok, message in checks:

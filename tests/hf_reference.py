@@ -11,10 +11,18 @@ from longctx.loading.checkpoint import Checkpoint
 
 def tiny_hf_model(seed: int = 0, tie: bool = False, **overrides) -> Qwen2ForCausalLM:
     cfg = dict(
-        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie,
-        attn_implementation="eager", initializer_range=0.25,
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie,
+        attn_implementation="eager",
+        initializer_range=0.25,
     )
     cfg.update(overrides)
     torch.manual_seed(seed)
@@ -29,7 +37,9 @@ def tiny_hf_model(seed: int = 0, tie: bool = False, **overrides) -> Qwen2ForCaus
 def checkpoint_of(hf: Qwen2ForCausalLM) -> Checkpoint:
     config = ModelConfig.from_hf(hf.config.to_dict())
     state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
-    return Checkpoint(config=config, tokenizer=None, source="tiny-hf", weights=lambda: iter(state.items()))
+    return Checkpoint(
+        config=config, tokenizer=None, source="tiny-hf", weights=lambda: iter(state.items())
+    )
 
 
 @torch.no_grad()
@@ -41,6 +51,14 @@ def hf_logprobs(hf: Qwen2ForCausalLM, ids: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def hf_greedy(hf: Qwen2ForCausalLM, ids: list[int], steps: int) -> list[int]:
-    out = hf.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False,
-                      min_new_tokens=steps, pad_token_id=0, eos_token_id=None)
-    return out[0, len(ids):].tolist()
+    x = torch.tensor([ids])
+    out = hf.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=steps,
+        do_sample=False,
+        min_new_tokens=steps,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    return out[0, len(ids) :].tolist()

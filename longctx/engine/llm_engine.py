@@ -54,17 +54,24 @@ class LLMEngine:
             check_dca_block_size(self.model_config.dca, config.block_size)
         self.max_model_len = config.max_model_len or default_max_model_len(self.model_config)
         default_batched = (
-            CUDA_DEFAULT_BATCHED_TOKENS if self.device.type == "cuda" else CPU_DEFAULT_BATCHED_TOKENS
+            CUDA_DEFAULT_BATCHED_TOKENS
+            if self.device.type == "cuda"
+            else CPU_DEFAULT_BATCHED_TOKENS
         )
         self.max_num_batched_tokens = config.max_num_batched_tokens or default_batched
         self.runner = ModelRunner(
-            self.model_config, config, checkpoint.weights, self.device, self.dtype,
+            self.model_config,
+            config,
+            checkpoint.weights,
+            self.device,
+            self.dtype,
             self.max_num_batched_tokens,
         )
         self.block_size = config.block_size
         self.scheduler = Scheduler(
             BlockManager(self.runner.num_blocks, config.block_size),
-            config.max_num_seqs, self.max_num_batched_tokens,
+            config.max_num_seqs,
+            self.max_num_batched_tokens,
         )
         self._ids = itertools.count()
         self._seqs: dict[str, Sequence] = {}
@@ -79,7 +86,10 @@ class LLMEngine:
         return [int(t) for t in prompt]
 
     def add_request(
-        self, prompt: str | Seq[int], params: SamplingParams, request_id: str | None = None,
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams,
+        request_id: str | None = None,
         prompt_token_ids: list[int] | None = None,
     ) -> str:
         """Validate and queue a request; raises a LongctxError (and queues nothing) if it
@@ -96,9 +106,13 @@ class LLMEngine:
             gen = self._default_gen
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
         seq = Sequence(
-            request_id=rid, prompt=prompt if isinstance(prompt, str) else None,
-            prompt_token_ids=ids, params=params, max_model_len=self.max_model_len,
-            detokenizer=detok, generator=gen,
+            request_id=rid,
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=ids,
+            params=params,
+            max_model_len=self.max_model_len,
+            detokenizer=detok,
+            generator=gen,
         )
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs.append(None)
@@ -152,7 +166,7 @@ class LLMEngine:
         # After a preemption the prompt is recomputed: keep what was recorded the first time.
         known = len(seq.prompt_logprobs) - 1
         start = seq.num_computed_tokens
-        seq.prompt_logprobs.extend(lps[max(0, known - start):])
+        seq.prompt_logprobs.extend(lps[max(0, known - start) :])
 
     def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> None:
         seq.token_ids.append(token)
@@ -170,7 +184,9 @@ class LLMEngine:
                 reason = "stop"
             elif params.stop and self._cut_stop_string(seq):
                 reason = "stop"
-        if reason is None and (produced >= params.max_tokens or seq.num_tokens >= seq.max_model_len):
+        if reason is None and (
+            produced >= params.max_tokens or seq.num_tokens >= seq.max_model_len
+        ):
             reason = "length"
         if reason is not None:
             if reason == "length" and seq.detokenizer is not None:
@@ -196,7 +212,7 @@ class LLMEngine:
     def _output(self, seq: Sequence) -> RequestOutput:
         hold = 0 if seq.is_finished or not seq.params.stop else max(map(len, seq.params.stop)) - 1
         visible = max(seq.streamed_chars, len(seq.text) - hold)
-        new_text = seq.text[seq.streamed_chars: visible]
+        new_text = seq.text[seq.streamed_chars : visible]
         seq.streamed_chars = visible
         return RequestOutput(
             request_id=seq.request_id,
@@ -213,4 +229,3 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             num_computed_prompt_tokens=min(seq.num_computed_tokens, seq.num_prompt_tokens),
         )
-

@@ -36,8 +36,13 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(
-        self, model_config: ModelConfig, engine_config: EngineConfig, weights: WeightSource,
-        device: torch.device, dtype: torch.dtype, max_num_batched_tokens: int,
+        self,
+        model_config: ModelConfig,
+        engine_config: EngineConfig,
+        weights: WeightSource,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_num_batched_tokens: int,
     ) -> None:
         self.config = model_config
         self.device, self.dtype = device, dtype
@@ -114,10 +119,12 @@ class ModelRunner:
     def _inputs(self, batch: ScheduledBatch) -> tuple[torch.Tensor, BatchLayout]:
         ids: list[int] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            ids.extend(seq.token_ids[seq.num_computed_tokens: seq.num_computed_tokens + n])
+            ids.extend(seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n])
         layout = BatchLayout(
             query_lens=batch.num_new_tokens,
-            context_lens=tuple(s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens)),
+            context_lens=tuple(
+                s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens)
+            ),
             block_tables=tuple(tuple(s.block_table) for s in batch.seqs),
             block_size=self.block_size,
         )
@@ -136,8 +143,8 @@ class ModelRunner:
         out: list[dict[int, float]] = []
         for a in range(first, last, PROMPT_LOGPROB_ROWS):
             b = min(a + PROMPT_LOGPROB_ROWS, last)
-            logits = self.model.compute_logits(hidden[start + a - first: start + b - first])
-            targets = torch.tensor(seq.token_ids[a + 1: b + 1], device=logits.device)
+            logits = self.model.compute_logits(hidden[start + a - first : start + b - first])
+            targets = torch.tensor(seq.token_ids[a + 1 : b + 1], device=logits.device)
             out.extend(top_logprobs(torch.log_softmax(logits, -1), want, targets))
         return out
 
@@ -156,4 +163,3 @@ def build_model(
     else:
         model.load_weights(weights())
     return model.eval()
-

@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="longctx",
         description="Long-context LLM inference (Qwen2 architecture, 128K-1M tokens): Dual Chunk "
-                    "Attention, chunked prefill over a paged KV cache.",
+        "Attention, chunked prefill over a paged KV cache.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -32,8 +32,11 @@ def _subcommands() -> list:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.func(args)
     except LongctxError as e:

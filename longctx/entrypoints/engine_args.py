@@ -11,41 +11,81 @@ from longctx.errors import ConfigError
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
-    g.add_argument("--model", default=None,
-                   help="Hugging Face model directory or .gguf file (default: the built-in "
-                        "Qwen2.5-Coder-0.5B-Instruct GGUF, fetched on first use)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (auto: float32 on CPU, bfloat16 on GPU)")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face model directory or .gguf file (default: the built-in "
+        "Qwen2.5-Coder-0.5B-Instruct GGUF, fetched on first use)",
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype (auto: float32 on CPU, bfloat16 on GPU)",
+    )
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="context limit in tokens, prompt plus output (default: the model's)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens per forward pass; long prompts are prefilled in chunks of this "
-                        "size (default: 4096 on CPU, 32768 on GPU)")
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context limit in tokens, prompt plus output (default: the model's)",
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens per forward pass; long prompts are prefilled in chunks of this "
+        "size (default: 4096 on CPU, 32768 on GPU)",
+    )
     g.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded at once")
-    g.add_argument("--kv-cache-gib", type=float, default=None,
-                   help="KV cache size in GiB (default: 4 on CPU; on GPU a share of free memory)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="share of GPU memory the engine may use (weights, activations, cache)")
+    g.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=None,
+        help="KV cache size in GiB (default: 4 on CPU; on GPU a share of free memory)",
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="share of GPU memory the engine may use (weights, activations, cache)",
+    )
     g.add_argument("--block-size", type=int, default=64, help="tokens per KV-cache block")
-    g.add_argument("--attention-backend", default="auto",
-                   help="attention implementation: auto, torch, dca, ... (default: auto)")
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        help="attention implementation: auto, torch, dca, ... (default: auto)",
+    )
     d = p.add_argument_group(
         "Dual Chunk Attention (length extrapolation; on by default for models whose config has "
-        "dual_chunk_attention_config)")
-    d.add_argument("--dca-chunk-size", type=int, default=None,
-                   help="DCA chunk size C (at most the trained context), turns DCA on")
-    d.add_argument("--dca-local-size", type=int, default=None,
-                   help="DCA local window W (< C); chunk length is C - W")
-    d.add_argument("--dca-original-max-position", type=int, default=None,
-                   help="trained context length, for YaRN attention scaling "
-                        "(default: the DCA chunk size)")
+        "dual_chunk_attention_config)"
+    )
+    d.add_argument(
+        "--dca-chunk-size",
+        type=int,
+        default=None,
+        help="DCA chunk size C (at most the trained context), turns DCA on",
+    )
+    d.add_argument(
+        "--dca-local-size",
+        type=int,
+        default=None,
+        help="DCA local window W (< C); chunk length is C - W",
+    )
+    d.add_argument(
+        "--dca-original-max-position",
+        type=int,
+        default=None,
+        help="trained context length, for YaRN attention scaling (default: the DCA chunk size)",
+    )
 
 
 def dca_from_args(args: argparse.Namespace) -> DCAConfig | None:
     if args.dca_chunk_size is None and args.dca_local_size is None:
         if args.dca_original_max_position is not None:
-            raise ConfigError("--dca-original-max-position needs --dca-chunk-size and --dca-local-size")
+            raise ConfigError(
+                "--dca-original-max-position needs --dca-chunk-size and --dca-local-size"
+            )
         return None
     if args.dca_chunk_size is None or args.dca_local_size is None:
         raise ConfigError("DCA needs both --dca-chunk-size and --dca-local-size")

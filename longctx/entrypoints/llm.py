@@ -12,8 +12,7 @@ from tqdm import tqdm
 from longctx.config import DCAConfig, EngineConfig
 from longctx.engine.llm_engine import LLMEngine
 from longctx.engine.outputs import RequestOutput
-from longctx.loading.checkpoint import load_checkpoint
-from longctx.loading.checkpoint import Checkpoint
+from longctx.loading.checkpoint import Checkpoint, load_checkpoint
 from longctx.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -128,8 +127,14 @@ class _PrefillProgress:
     """tqdm bar on stderr over prompt tokens prefilled: tokens done, tokens/s, ETA."""
 
     def __init__(self, total: int) -> None:
-        self.bar = tqdm(total=total, unit="tok", desc="prefill", file=sys.stderr,
-                        dynamic_ncols=True, leave=False)
+        self.bar = tqdm(
+            total=total,
+            unit="tok",
+            desc="prefill",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            leave=False,
+        )
         self.done: dict[str, int] = {}
 
     def update(self, out: RequestOutput) -> None:

@@ -14,7 +14,9 @@ class RotaryEmbedding:
         Computed per call rather than cached: at 1M positions a table would cost more memory
         than the few flops it saves, and DCA asks for positions no table would hold.
         """
-        exponents = torch.arange(0, self.head_dim, 2, device=positions.device).float() / self.head_dim
+        exponents = (
+            torch.arange(0, self.head_dim, 2, device=positions.device).float() / self.head_dim
+        )
         inv_freq = 1.0 / (self.theta**exponents)
         freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
         return freqs.cos(), freqs.sin()

@@ -23,8 +23,12 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = SelfAttention(
-            config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
-            bias=config.attention_bias, layer_idx=layer_idx,
+            config.hidden_size,
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            bias=config.attention_bias,
+            layer_idx=layer_idx,
         )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
@@ -118,7 +122,7 @@ class Qwen2ForCausalLM(nn.Module):
                 fused, shard = _PACKED[part]
                 sizes = self._shard_sizes(fused)
                 start = sum(sizes[:shard])
-                target = ".".join(parts[:i] + [fused] + parts[i + 1:])
+                target = ".".join(parts[:i] + [fused] + parts[i + 1 :])
                 return target, slice(start, start + sizes[shard])
         return name, None
 

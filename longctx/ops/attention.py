@@ -33,7 +33,9 @@ def attention_with_lse(
         return empty_attention(q)
     if causal and lk != lq:
         if lk < lq:
-            raise ValueError(f"causal attention needs at least as many keys ({lk}) as queries ({lq})")
+            raise ValueError(
+                f"causal attention needs at least as many keys ({lk}) as queries ({lq})"
+            )
         p = lk - lq
         prefix = attention_with_lse(q, k[:p], v[:p], scale=scale, causal=False)
         self_part = attention_with_lse(q, k[p:], v[p:], scale=scale, causal=True)
@@ -41,7 +43,9 @@ def attention_with_lse(
     return _sdpa_with_lse(q, k, v, scale=scale, causal=causal)
 
 
-def _sdpa_with_lse(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+def _sdpa_with_lse(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool
+) -> tuple[Tensor, Tensor]:
     qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, H, L, D]
     if q.device.type == "cuda":
         out, lse = _cuda_sdpa_with_lse(qh, kh, vh, scale=scale, causal=causal)
@@ -66,7 +70,9 @@ def _cuda_sdpa_with_lse(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal
             return res[0], res[1].reshape(q.shape[0], q.shape[1], q.shape[2])
         except RuntimeError:
             pass
-        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        res = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=scale
+        )
         return res[0], res[1]
     res = torch.ops.aten._scaled_dot_product_efficient_attention(
         q, k, v, None, True, 0.0, causal, scale=scale

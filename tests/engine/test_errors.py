@@ -41,8 +41,17 @@ def test_kv_budget_below_one_block(hf):
         make(hf, kv_cache_gib=1e-9)
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=-0.5), dict(top_p=1.5), dict(top_k=-1),
-                                dict(max_tokens=0), dict(logprobs=-2), dict(stop=("",))])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=-0.5),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(max_tokens=0),
+        dict(logprobs=-2),
+        dict(stop=("",)),
+    ],
+)
 def test_invalid_sampling_params(kw):
     with pytest.raises(SamplingParamsError):
         SamplingParams(**kw)

@@ -13,7 +13,10 @@ from longctx.loading import default_model_path
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "longctx.entrypoints.cli", *args],
-        capture_output=True, text=True, input=stdin, timeout=600,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=600,
     )
 
 
@@ -31,8 +34,18 @@ def test_help_documents_every_flag():
     top = run_cli("--help")
     assert top.returncode == 0 and "generate" in top.stdout
     gen = run_cli("generate", "--help")
-    for flag in ("--model", "--prompt", "--prompt-file", "--chat", "--max-tokens", "--temperature",
-                 "--top-p", "--seed", "--dca-chunk-size", "--max-num-batched-tokens"):
+    for flag in (
+        "--model",
+        "--prompt",
+        "--prompt-file",
+        "--chat",
+        "--max-tokens",
+        "--temperature",
+        "--top-p",
+        "--seed",
+        "--dca-chunk-size",
+        "--max-num-batched-tokens",
+    ):
         assert flag in gen.stdout
 
 
@@ -64,12 +77,15 @@ def test_gguf_of_unsupported_architecture(tmp_path):
     assert_one_line_error(run_cli("generate", "--model", str(path), "--prompt", "hi"), "bert")
 
 
-@pytest.mark.parametrize("flags,word", [
-    (["--temperature", "-1"], "temperature"),
-    (["--top-p", "0"], "top_p"),
-    (["--max-tokens", "0"], "max_tokens"),
-    (["--dca-chunk-size", "1024", "--dca-local-size", "2048"], "local_size"),
-])
+@pytest.mark.parametrize(
+    "flags,word",
+    [
+        (["--temperature", "-1"], "temperature"),
+        (["--top-p", "0"], "top_p"),
+        (["--max-tokens", "0"], "max_tokens"),
+        (["--dca-chunk-size", "1024", "--dca-local-size", "2048"], "local_size"),
+    ],
+)
 def test_invalid_parameters(flags, word):
     assert_one_line_error(run_cli("generate", "--prompt", "hi", *flags), word)
 
@@ -85,21 +101,39 @@ def default_model() -> str:
 
 
 def test_prompt_longer_than_context_limit(default_model):
-    proc = run_cli("generate", "--model", default_model, "--max-model-len", "32",
-                   "--prompt", "word " * 100)
+    proc = run_cli(
+        "generate", "--model", default_model, "--max-model-len", "32", "--prompt", "word " * 100
+    )
     assert_one_line_error(proc, "context limit", "32")
 
 
 def test_kv_budget_too_small(default_model):
-    proc = run_cli("generate", "--model", default_model, "--kv-cache-gib", "0.002",
-                   "--prompt", "word " * 200, "--max-tokens", "4")
+    proc = run_cli(
+        "generate",
+        "--model",
+        default_model,
+        "--kv-cache-gib",
+        "0.002",
+        "--prompt",
+        "word " * 200,
+        "--max-tokens",
+        "4",
+    )
     assert_one_line_error(proc, "KV cache")
 
 
 def test_generate_streams_text_alone_on_stdout(default_model, tmp_path):
     prompt = tmp_path / "p.txt"
     prompt.write_text("def add(a, b):\n    return")
-    proc = run_cli("generate", "--model", default_model, "--prompt-file", str(prompt),
-                   "--max-tokens", "8", "--no-progress")
+    proc = run_cli(
+        "generate",
+        "--model",
+        default_model,
+        "--prompt-file",
+        str(prompt),
+        "--max-tokens",
+        "8",
+        "--no-progress",
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().startswith("a + b")

@@ -23,11 +23,17 @@ DTYPES = [torch.float32] + ([torch.bfloat16, torch.float16] if DEV.type == "cuda
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("lq,lk,causal", [(1, 1, True), (17, 17, True), (5, 40, True),
-                                          (64, 64, False), (3, 130, False), (33, 97, True)])
+@pytest.mark.parametrize(
+    "lq,lk,causal",
+    [(1, 1, True), (17, 17, True), (5, 40, True), (64, 64, False), (3, 130, False), (33, 97, True)],
+)
 @pytest.mark.parametrize("hq,hkv,d", [(4, 2, 16), (7, 1, 64), (4, 4, 128)])
 def test_attention_with_lse_matches_reference(dtype, lq, lk, causal, hq, hkv, d):
-    q, k, v = rand(lq, hq, d, dtype=dtype), rand(lk, hkv, d, dtype=dtype), rand(lk, hkv, d, dtype=dtype)
+    q, k, v = (
+        rand(lq, hq, d, dtype=dtype),
+        rand(lk, hkv, d, dtype=dtype),
+        rand(lk, hkv, d, dtype=dtype),
+    )
     scale = d**-0.5
     out, lse = attention_with_lse(q, k, v, scale=scale, causal=causal)
     mask = bottom_right_causal(lq, lk).to(DEV) if causal else None
@@ -48,8 +54,10 @@ def test_no_keys_gives_zero_output_and_minus_inf_lse():
 def test_merge_of_disjoint_key_sets_equals_whole_with_empty_parts():
     q, k, v = rand(6, 4, 16), rand(50, 2, 16), rand(50, 2, 16)
     whole = reference_attention(q, k, v, scale=0.25)
-    parts = [attention_with_lse(q, k[a:b], v[a:b], scale=0.25, causal=False)
-             for a, b in [(0, 0), (0, 20), (20, 20), (20, 50)]]
+    parts = [
+        attention_with_lse(q, k[a:b], v[a:b], scale=0.25, causal=False)
+        for a, b in [(0, 0), (0, 20), (20, 20), (20, 50)]
+    ]
     out, lse = merge_attention(parts)
     assert (out.double() - whole[0]).abs().max() < 1e-5
     assert (lse.double() - whole[1]).abs().max() < 1e-5

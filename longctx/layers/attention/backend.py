@@ -102,7 +102,12 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, meta: AttentionMetadata
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: KVCache,
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D], unrotated -> attention output [T, Hq, D]."""
 

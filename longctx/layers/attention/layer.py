@@ -8,8 +8,13 @@ class SelfAttention(nn.Module):
     """GQA self-attention projections; the attention itself is the backend's."""
 
     def __init__(
-        self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
-        bias: bool, layer_idx: int,
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        bias: bool,
+        layer_idx: int,
     ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
