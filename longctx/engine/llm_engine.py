@@ -81,7 +81,7 @@ class LLMEngine:
     def encode(self, prompt: str | Seq[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this checkpoint has no tokenizer: pass token ids")
+                raise ConfigError("this checkpoint has no tokenizer: pass prompts as token ids")
             return self.tokenizer.encode(prompt)
         return [int(t) for t in prompt]
 

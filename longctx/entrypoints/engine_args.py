@@ -100,6 +100,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for longctx.LLM from the parsed flags."""
     return dict(
         model=args.model,
+        random_weights=args.random_weights,
         dtype=args.dtype,
         dca=dca_from_args(args),
         device=args.device,

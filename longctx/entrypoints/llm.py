@@ -12,6 +12,8 @@ from tqdm import tqdm
 from longctx.config import DCAConfig, EngineConfig
 from longctx.engine.llm_engine import LLMEngine
 from longctx.engine.outputs import RequestOutput
+from longctx.errors import ConfigError
+from longctx.loading import random_checkpoint
 from longctx.loading.checkpoint import Checkpoint, load_checkpoint
 from longctx.sampling_params import SamplingParams
 
@@ -23,6 +25,8 @@ class LLM:
     """A model ready to generate.
 
     model: a Hugging Face directory, a .gguf file, or None for the default model.
+    random_weights: take only the architecture from `model` (a directory, a config.json or a
+    built-in config name such as "qwen2.5-7b-instruct-1m") and draw the weights at random.
     dca: turn Dual Chunk Attention on for a model whose config.json lacks it.
     Other keyword arguments are EngineConfig fields (max_model_len, max_num_batched_tokens,
     kv_cache_gib, block_size, device, ...).
@@ -35,9 +39,17 @@ class LLM:
         *,
         checkpoint: Checkpoint | None = None,
         dca: DCAConfig | None = None,
+        random_weights: bool = False,
         **engine_kwargs,
     ) -> None:
-        ckpt = checkpoint if checkpoint is not None else load_checkpoint(model)
+        if checkpoint is not None:
+            ckpt = checkpoint
+        elif random_weights:
+            if model is None:
+                raise ConfigError("random_weights needs model= a config name, file or directory")
+            ckpt = random_checkpoint(str(model))
+        else:
+            ckpt = load_checkpoint(model)
         if dca is not None:
             ckpt = dataclasses.replace(ckpt, config=ckpt.config.with_dca(dca))
         self.engine = LLMEngine(ckpt, EngineConfig(dtype=dtype, **engine_kwargs))
@@ -97,7 +109,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         if self.tokenizer is None:
-            raise ValueError("this checkpoint has no tokenizer, so no chat template")
+            raise ConfigError("this checkpoint has no tokenizer, so no chat template")
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [self.tokenizer.apply_chat_template(list(c)) for c in convs]
         return self.generate(prompts, params, **kwargs)

@@ -29,7 +29,7 @@ class Checkpoint:
     config: ModelConfig
     tokenizer: Tokenizer | None
     source: str  # the path the checkpoint came from, for messages
-    weights: WeightStream  # each call opens a fresh stream
+    weights: WeightStream | None  # each call opens a fresh stream; None: random weights
 
 
 def load_checkpoint(path: str | os.PathLike[str] | None) -> Checkpoint:
