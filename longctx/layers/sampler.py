@@ -45,7 +45,7 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p / sorted_p.sum())
     return probs
 
 
