@@ -1,0 +1,27 @@
+"""Triton attention kernels: paged flash prefill (dense, DCA, YaRN) and split-K paged decode.
+
+flash_prefill / flash_prefill_varlen: queries [T, Hq, D] against keys in the paged cache
+(or contiguous fresh keys), bottom-right causal or a key range, optional in-kernel RoPE,
+DCA and YaRN. paged_decode: one query per sequence, split-K over the paged cache.
+All return (out, lse) with lse [Hq, tokens] float32 natural log, as longctx/ops/attention.py.
+"""
+
+from longctx.ops.triton.flash_prefill import (
+    PREFILL_CONFIGS,
+    KernelConfig,
+    flash_prefill,
+    flash_prefill_varlen,
+    rope_inv_freq,
+)
+from longctx.ops.triton.paged_decode import DECODE_CONFIGS, DecodeConfig, paged_decode
+
+__all__ = [
+    "DECODE_CONFIGS",
+    "PREFILL_CONFIGS",
+    "DecodeConfig",
+    "KernelConfig",
+    "flash_prefill",
+    "flash_prefill_varlen",
+    "paged_decode",
+    "rope_inv_freq",
+]

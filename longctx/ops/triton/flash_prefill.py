@@ -1,0 +1,821 @@
+"""Flash-attention forward over the paged KV cache (Triton), with in-kernel RoPE, DCA and YaRN.
+
+One kernel serves every prefill flavour; constexpr flags pick the variant:
+
+    dense causal    query at absolute position p sees keys [k_start, min(p + 1, k_end))
+    dense range     every query sees keys [k_start, k_end)              (causal=False)
+    DCA             three key parts per query, each with its own query rotation (below)
+
+Queries are token-major q [T, Hq, D]: one sequence, or a varlen batch whose sequence s owns
+rows cu_seqlens_q[s] : cu_seqlens_q[s + 1]; row i of sequence s sits at absolute position
+q_pos0[s] + i. Keys and values are read in place from the paged cache through the block
+table (no copy of the prefix); the contiguous entry point (block_table=None) reads fresh
+k/v [Lk, Hkv, D] directly, for a first prefill chunk whose keys are not cached yet.
+
+Program layout: grid (query blocks, Hq, sequences); a program owns BLOCK_M queries of one
+q head and reads its kv head (GQA without repeating K/V: the q heads of a group run as
+neighbouring programs and share K/V through L2). Query blocks run latest-first: under a
+causal mask they carry the most keys, so the long programs start early.
+
+Per part, each query row has a key interval [row_lo, row_hi). Tiles of BLOCK_N keys, aligned
+to multiples of BLOCK_N in absolute key position, fall into three runs:
+
+    key:  first        full_lo                 full_hi        hi_max
+          |--masked----|-------unmasked---------|----masked----|
+           rows' lo vary  all rows see all keys  rows' hi vary (the causal diagonal)
+
+so masking costs only on the band edges (the causal diagonal, DCA chunk edges).
+
+DCA (DESIGN.md section 2): c = chunk_size - local_size. A key at position j is cached rotated
+at j mod c. A query at p (chunk n = p // c) attends to
+
+    keys    [0, (n-1)c)         [(n-1)c, nc)              [nc, p]
+    part    inter               successive                intra (causal)
+    q pos   min(2c-1, C)        min(p mod c + c, C)       p mod c
+
+The three parts share one online softmax: merging their (out, lse) by log-sum-exp is exactly
+a softmax over the union of the keys, so no merge pass and no 3x query tensor are needed.
+
+YaRN: with original_max set, logits of the query at p are multiplied by f(p)^2,
+f(p) = max(1, 0.1 ln((p + 1) / original_max) + 1).
+
+Outputs: out [T, Hq, D] in q's dtype, lse [Hq, T] float32 natural log; a query with no keys
+gets out = 0, lse = -inf (the conventions of longctx/ops/attention.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_NO_KEY_LIMIT = tl.constexpr(2**30)  # "no bound" for key positions (int32)
+
+
+class DCAParams(Protocol):
+    """What the kernels need of a DCA configuration (longctx.config.DCAConfig fits)."""
+
+    chunk_size: int
+    local_size: int
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch options of one kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# The place to tune (benchmarks/bench_attention_gpu.py --tune sweeps alternatives). Fixed
+# configs, no autotune: the interpreter cannot autotune, and a fixed config keeps compiled
+# kernels deterministic. Chosen for sm_90 by head_dim: BLOCK_M 128 with 8 warps = two
+# warpgroups of 64 rows on wgmma; BLOCK_N 64 with 3 stages = 3 x (K + V) tiles of 16 KiB +
+# the 32 KiB query tile = 128 KiB of shared memory at d=128, one CTA per SM at ~215
+# registers/thread (tests/ops/test_triton_compile.py checks the fit for sm_90).
+PREFILL_CONFIGS: dict[int, KernelConfig] = {
+    64: KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    128: KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+}
+# Under the interpreter the cost is programs x loop iterations: larger tiles run faster.
+INTERPRET_PREFILL_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=1)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def prefill_config(head_dim: int) -> KernelConfig:
+    if interpreting():
+        return INTERPRET_PREFILL_CONFIG
+    if head_dim not in PREFILL_CONFIGS:
+        raise ValueError(
+            f"no prefill config for head_dim {head_dim} (have {sorted(PREFILL_CONFIGS)})"
+        )
+    return PREFILL_CONFIGS[head_dim]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared Triton building blocks (also used by paged_decode.py)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rope_cos_sin(pos, INV_FREQ, HALF: tl.constexpr, FAST_TRIG: tl.constexpr):
+    """cos, sin [ROWS, HALF] of RoPE frequency i at integer positions pos [ROWS].
+
+    The angle is the float32 product pos * inv_freq, as in layers/rotary.py. It is reduced to
+    [-pi, pi] in float64 (positions reach 10^6 radians), where the GPU's approximate
+    sin/cos (FAST_TRIG) are accurate to ~1e-6; the interpreter uses numpy's.
+    """
+    inv_freq = tl.load(INV_FREQ + tl.arange(0, HALF))
+    angle = (pos.to(tl.float32)[:, None] * inv_freq[None, :]).to(tl.float64)
+    turns = tl.floor(angle * 0.15915494309189535 + 0.5)  # 1 / (2 pi)
+    angle = (angle - turns * 6.283185307179586).to(tl.float32)
+    if FAST_TRIG:
+        cos = tl.inline_asm_elementwise(
+            "cos.approx.f32 $0, $1;", "=r,r", [angle], dtype=tl.float32, is_pure=True, pack=1
+        )
+        sin = tl.inline_asm_elementwise(
+            "sin.approx.f32 $0, $1;", "=r,r", [angle], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        cos = tl.cos(angle)
+        sin = tl.sin(angle)
+    return cos, sin
+
+
+@triton.jit
+def _yarn_row_scale(pos, qk_scale, yarn_inv_orig, YARN: tl.constexpr):
+    """Logit multiplier per query row: softmax scale * log2(e) * f(p)^2 (f = 1 without YaRN)."""
+    scale = qk_scale + tl.zeros(pos.shape, tl.float32)
+    if YARN:
+        f = 0.1 * tl.log((pos + 1).to(tl.float32) * yarn_inv_orig) + 1.0
+        f = tl.maximum(f, 1.0)
+        scale = scale * f * f
+    return scale
+
+
+@triton.jit
+def _load_query(
+    Q,
+    rows,
+    row_ok,
+    stride_row,
+    rot_pos,
+    INV_FREQ,
+    row_scale,
+    HEAD_DIM: tl.constexpr,
+    ROPE: tl.constexpr,
+    FAST_TRIG: tl.constexpr,
+):
+    """Query tile [ROWS, HEAD_DIM] in float32: rotated at rot_pos (if ROPE), times row_scale."""
+    base = Q + rows[:, None] * stride_row
+    if ROPE:
+        # rotate-half on the two halves, then put them back side by side
+        HALF: tl.constexpr = HEAD_DIM // 2
+        offs_h = tl.arange(0, HALF)[None, :]
+        q1 = tl.load(base + offs_h, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(base + HALF + offs_h, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        cos, sin = _rope_cos_sin(rot_pos, INV_FREQ, HALF, FAST_TRIG)
+        r1 = (q1 * cos - q2 * sin) * row_scale[:, None]
+        r2 = (q2 * cos + q1 * sin) * row_scale[:, None]
+        q = tl.reshape(tl.permute(tl.join(r1, r2), (0, 2, 1)), (r1.shape[0], HEAD_DIM))
+    else:
+        offs_d = tl.arange(0, HEAD_DIM)[None, :]
+        q = tl.load(base + offs_d, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        q = q * row_scale[:, None]
+    return q
+
+
+@triton.jit
+def _part_ranges(
+    part, pos, k_start, k_end, chunk_len, chunk_size, CAUSAL: tl.constexpr, DCA: tl.constexpr
+):
+    """Key interval [lo, hi) and query rotation position of each query for one part.
+
+    Dense: a single part. DCA: part 0 inter, 1 successive, 2 intra (see the module doc).
+    Works on vectors of positions (prefill) and on scalars (decode).
+    """
+    if DCA:
+        start = (pos // chunk_len) * chunk_len  # first key of the query's chunk
+        prev = tl.maximum(start - chunk_len, 0)  # first key of the previous chunk
+        in_chunk = pos - start
+        lo = tl.where(part == 2, start, tl.where(part == 1, prev, 0))
+        hi = tl.where(part == 2, pos + 1, tl.where(part == 1, start, prev))
+        succ_pos = tl.minimum(in_chunk + chunk_len, chunk_size)
+        inter_pos = tl.minimum(2 * chunk_len - 1, chunk_size) + 0 * pos
+        rot = tl.where(part == 2, in_chunk, tl.where(part == 1, succ_pos, inter_pos))
+    else:
+        lo = k_start + 0 * pos
+        if CAUSAL:
+            hi = pos + 1
+        else:
+            hi = k_end + 0 * pos
+        rot = pos
+    lo = tl.maximum(lo, k_start)
+    hi = tl.minimum(hi, k_end)
+    return lo, hi, rot
+
+
+@triton.jit
+def _tile_pages(
+    BT,
+    start_n,
+    tile_hi,
+    key_hi,
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Cache block(s) of the key tile starting at start_n: token t lives in block
+    BT[t // PAGE_SIZE], row t % PAGE_SIZE. A scalar when a tile never spans two blocks
+    (PAGE_SIZE a multiple of BLOCK_N; tiles are BLOCK_N-aligned), else one entry per key.
+    Tiles at or past tile_hi (and keys past key_hi) read nothing."""
+    if PAGED:
+        if PAGE_SIZE % BLOCK_N == 0:
+            page = tl.load(BT + start_n // PAGE_SIZE, mask=start_n < tile_hi, other=0)
+        else:
+            offs = start_n + tl.arange(0, BLOCK_N)
+            ok = (offs < key_hi) & (start_n < tile_hi)
+            page = tl.load(BT + offs // PAGE_SIZE, mask=ok, other=0)
+        page = page.to(tl.int64)
+    else:
+        page = tl.zeros([], dtype=tl.int64)
+    return page
+
+
+@triton.jit
+def _kv_row_offsets(page, offs, stride_kb, stride_ks, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """Element offsets [BLOCK_N] of the cache rows holding key positions offs."""
+    if PAGED:
+        rows = page * stride_kb + (offs % PAGE_SIZE).to(tl.int64) * stride_ks
+    else:
+        rows = offs.to(tl.int64) * stride_ks
+    return rows
+
+
+@triton.jit
+def _attend_tiles(
+    acc,
+    m_i,
+    l_i,
+    q,
+    K,
+    V,
+    BT,
+    stride_kb,
+    stride_ks,
+    tile_lo,
+    tile_hi,
+    key_lo,
+    key_hi,
+    row_lo,
+    row_hi,
+    MASKED: tl.constexpr,
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Online softmax over key tiles [tile_lo, tile_hi) (BLOCK_N-aligned).
+
+    q [ROWS, HEAD_DIM] is pre-scaled to log2 units; m_i is a running max in those units.
+    MASKED: keys outside [key_lo, key_hi) are not loaded (zeros, so NaN garbage in unused
+    cache rows cannot leak through p @ v) and each row keeps only [row_lo, row_hi).
+    The block-table entry of the next tile is read one iteration ahead and carried: a
+    K/V address that depends on a load of the same iteration stops Triton's pipeliner
+    from keeping more than one tile in flight (measured in the sm_90 TTGIR: 2 buffers
+    and a full wait per tile, against num_stages buffers with the carried entry).
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    page = _tile_pages(BT, tile_lo, tile_hi, key_hi, PAGED, PAGE_SIZE, BLOCK_N)
+    for start_n in range(tile_lo, tile_hi, BLOCK_N):
+        offs = start_n + offs_n
+        rows = _kv_row_offsets(page, offs, stride_kb, stride_ks, PAGED, PAGE_SIZE)
+        page = _tile_pages(BT, start_n + BLOCK_N, tile_hi, key_hi, PAGED, PAGE_SIZE, BLOCK_N)
+        ptrs = rows[:, None] + offs_d[None, :]
+        if MASKED:
+            key_ok = ((offs >= key_lo) & (offs < key_hi))[:, None]
+            k = tl.load(K + ptrs, mask=key_ok, other=0.0)
+        else:
+            k = tl.load(K + ptrs)
+        if UPCAST:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if MASKED:
+            seen = (offs[None, :] >= row_lo[:, None]) & (offs[None, :] < row_hi[:, None])
+            qk = tl.where(seen, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(V + ptrs, mask=key_ok, other=0.0)
+        else:
+            v = tl.load(V + ptrs)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _init_state(ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    # A finite floor instead of -inf: a row whose keys are all masked so far keeps
+    # exp2(m_old - m_new) = 1 and p = 0 instead of NaN.
+    m_i = tl.zeros([ROWS], dtype=tl.float32) - 1.0e30
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _finish(acc, m_i, l_i):
+    """Normalized output and natural-log LSE; rows without keys give 0 and -inf."""
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    log2_sum = m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))
+    lse = tl.where(has_keys, log2_sum * 0.6931471805599453, float("-inf"))
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefill kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attend_band(
+    acc,
+    m_i,
+    l_i,
+    q,
+    K,
+    V,
+    BT,
+    stride_kb,
+    stride_ks,
+    row_lo,
+    row_hi,
+    row_ok,
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """All keys of a query block for one part: masked edges, unmasked middle (module doc)."""
+    lo_min = tl.min(tl.where(row_ok, row_lo, _NO_KEY_LIMIT), 0)
+    lo_max = tl.max(tl.where(row_ok, row_lo, 0), 0)
+    hi_min = tl.min(tl.where(row_ok, row_hi, _NO_KEY_LIMIT), 0)
+    hi_max = tl.max(tl.where(row_ok, row_hi, 0), 0)
+    first = (lo_min // BLOCK_N) * BLOCK_N
+    full_lo = tl.cdiv(lo_max, BLOCK_N) * BLOCK_N
+    full_hi = (hi_min // BLOCK_N) * BLOCK_N
+    # No unmasked run: let the first masked run cover everything.
+    no_full = full_lo >= full_hi
+    full_lo = tl.where(no_full, tl.cdiv(hi_max, BLOCK_N) * BLOCK_N, full_lo)
+    full_hi = tl.where(no_full, full_lo, full_hi)
+    acc, m_i, l_i = _attend_tiles(
+        acc,
+        m_i,
+        l_i,
+        q,
+        K,
+        V,
+        BT,
+        stride_kb,
+        stride_ks,
+        first,
+        full_lo,
+        lo_min,
+        hi_max,
+        row_lo,
+        row_hi,
+        True,
+        PAGED,
+        PAGE_SIZE,
+        BLOCK_N,
+        HEAD_DIM,
+        UPCAST,
+        DOT_PREC,
+    )
+    acc, m_i, l_i = _attend_tiles(
+        acc,
+        m_i,
+        l_i,
+        q,
+        K,
+        V,
+        BT,
+        stride_kb,
+        stride_ks,
+        full_lo,
+        full_hi,
+        lo_min,
+        hi_max,
+        row_lo,
+        row_hi,
+        False,
+        PAGED,
+        PAGE_SIZE,
+        BLOCK_N,
+        HEAD_DIM,
+        UPCAST,
+        DOT_PREC,
+    )
+    acc, m_i, l_i = _attend_tiles(
+        acc,
+        m_i,
+        l_i,
+        q,
+        K,
+        V,
+        BT,
+        stride_kb,
+        stride_ks,
+        full_hi,
+        hi_max,
+        lo_min,
+        hi_max,
+        row_lo,
+        row_hi,
+        True,
+        PAGED,
+        PAGE_SIZE,
+        BLOCK_N,
+        HEAD_DIM,
+        UPCAST,
+        DOT_PREC,
+    )
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _flash_prefill_kernel(
+    Q,
+    K,
+    V,
+    BT,
+    Out,
+    LSE,
+    CU_Q,
+    Q_POS0,
+    K_START,
+    K_END,
+    INV_FREQ,
+    qk_scale,
+    yarn_inv_orig,
+    chunk_len,
+    chunk_size,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_ot,
+    stride_oh,
+    stride_lh,
+    stride_bt,
+    GROUPS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ROPE: tl.constexpr,
+    DCA: tl.constexpr,
+    YARN: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    FAST_TRIG: tl.constexpr,
+):
+    # -- program set-up: which queries, which heads, which sequence
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_begin = tl.load(CU_Q + seq)
+    q_len = tl.load(CU_Q + seq + 1) - q_begin
+    if start_m >= q_len:
+        return
+    q_pos0 = tl.load(Q_POS0 + seq)
+    k_start = tl.load(K_START + seq)
+    k_end = tl.load(K_END + seq)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < q_len
+    pos = q_pos0 + offs_m  # absolute query positions
+    rows = (q_begin + offs_m).to(tl.int64)
+    kv_off = (head // GROUPS).to(tl.int64) * stride_kh
+    K += kv_off
+    V += kv_off
+    BT += seq.to(tl.int64) * stride_bt
+    Qh = Q + head.to(tl.int64) * stride_qh
+    row_scale = _yarn_row_scale(pos, qk_scale, yarn_inv_orig, YARN)
+
+    # -- online softmax over every part's keys
+    acc, m_i, l_i = _init_state(BLOCK_M, HEAD_DIM)
+    NUM_PARTS: tl.constexpr = 3 if DCA else 1
+    for part in range(NUM_PARTS):
+        row_lo, row_hi, rot_pos = _part_ranges(
+            part, pos, k_start, k_end, chunk_len, chunk_size, CAUSAL, DCA
+        )
+        q = _load_query(
+            Qh, rows, row_ok, stride_qt, rot_pos, INV_FREQ, row_scale, HEAD_DIM, ROPE, FAST_TRIG
+        )
+        if not UPCAST:
+            q = q.to(K.dtype.element_ty)
+        acc, m_i, l_i = _attend_band(
+            acc,
+            m_i,
+            l_i,
+            q,
+            K,
+            V,
+            BT,
+            stride_kb,
+            stride_ks,
+            row_lo,
+            row_hi,
+            row_ok,
+            PAGED,
+            PAGE_SIZE,
+            BLOCK_N,
+            HEAD_DIM,
+            UPCAST,
+            DOT_PREC,
+        )
+
+    # -- epilogue: out [T, Hq, D], lse [Hq, T]
+    out, lse = _finish(acc, m_i, l_i)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o_ptrs = Out + rows[:, None] * stride_ot + head.to(tl.int64) * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + head.to(tl.int64) * stride_lh + rows, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """inv_freq [head_dim / 2] float32, the same formula (and bits) as layers/rotary.py."""
+    exponents = torch.arange(0, head_dim, 2, device=device).float() / head_dim
+    return 1.0 / (theta**exponents)
+
+
+@dataclass(frozen=True)
+class _Variant:
+    """Position-dependent options shared by the prefill and decode wrappers."""
+
+    inv_freq: torch.Tensor | None
+    dca_chunk_len: int
+    dca_chunk_size: int
+    yarn_inv_orig: float
+
+    @property
+    def rope(self) -> bool:
+        return self.inv_freq is not None
+
+    @property
+    def dca(self) -> bool:
+        return self.dca_chunk_len > 0
+
+    @property
+    def yarn(self) -> bool:
+        return self.yarn_inv_orig > 0.0
+
+
+def make_variant(
+    head_dim: int,
+    device: torch.device,
+    rope_theta: float | None,
+    dca: DCAParams | None,
+    yarn_original_max: int | None,
+) -> _Variant:
+    if dca is not None and rope_theta is None:
+        raise ValueError("DCA rotates queries in the kernel: pass rope_theta")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even, got {head_dim}")
+    inv_freq = None if rope_theta is None else rope_inv_freq(head_dim, float(rope_theta), device)
+    chunk_len = chunk_size = 0
+    if dca is not None:
+        chunk_size, chunk_len = int(dca.chunk_size), int(dca.chunk_size - dca.local_size)
+        if chunk_len <= 0:
+            raise ValueError(f"DCA needs chunk_size > local_size, got {dca}")
+    yarn_inv = 1.0 / yarn_original_max if yarn_original_max else 0.0
+    return _Variant(inv_freq, chunk_len, chunk_size, yarn_inv)
+
+
+def dtype_flags(dtype: torch.dtype) -> tuple[bool, str]:
+    """(UPCAST, DOT_PREC): bf16 is broken in the interpreter, so upcast loads there; fp32 dots
+    use full IEEE precision rather than TF32."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"unsupported dtype {dtype}")
+    upcast = dtype == torch.bfloat16 and interpreting()
+    return upcast, ("ieee" if dtype == torch.float32 else "tf32")
+
+
+def _check_prefill_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor | None
+) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [tokens, heads, head_dim], got {tuple(q.shape)}")
+    want = 4 if block_table is not None else 3
+    if k.dim() != want or k.shape != v.shape or k.stride() != v.stride():
+        raise ValueError(
+            f"k/v must be equal {want}-d tensors with equal strides: "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    hq, d = q.shape[1], q.shape[2]
+    hkv = k.shape[-2]
+    if k.shape[-1] != d or hq % hkv:
+        raise ValueError(f"head layout mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head_dim must be a power of two in [16, 256], got {d}")
+    if q.dtype != k.dtype or k.dtype != v.dtype:
+        raise ValueError(f"q/k/v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("q and k/v must be contiguous along head_dim")
+
+
+def flash_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    block_table: torch.Tensor | None = None,
+    q_pos0: int = 0,
+    k_start: int = 0,
+    k_end: int | None = None,
+    causal: bool = True,
+    rope_theta: float | None = None,
+    dca: DCAParams | None = None,
+    yarn_original_max: int | None = None,
+    config: KernelConfig | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one sequence's queries q [Lq, Hq, D] -> (out [Lq, Hq, D], lse [Hq, Lq]).
+
+    Keys: block_table [max_blocks] (or [1, max_blocks]) over a paged cache k/v
+    [num_blocks, page, Hkv, D]; or block_table None and contiguous k/v [Lk, Hkv, D] (key
+    position = row). Query i is at absolute position q_pos0 + i; keys [k_start, k_end) are
+    visible (k_end defaults to q_pos0 + Lq paged, Lk contiguous), causally clipped if causal.
+    rope_theta: q is unrotated and rotated in the kernel (keys are cached rotated).
+    dca: keys cached at p mod c, three query rotations (needs rope_theta); k_start/k_end
+    still clip. yarn_original_max: YaRN logit scaling per query (None or 0: off).
+    out/lse: optional preallocated results. config: tile sizes (default by head_dim).
+    """
+    lq = q.shape[0]
+    if block_table is not None and block_table.dim() == 1:
+        block_table = block_table[None]
+    if k_end is None:
+        k_end = q_pos0 + lq if block_table is not None else k.shape[0]
+    limit = k.shape[0] if block_table is None else block_table.shape[1] * k.shape[1]
+    if k_start < 0 or k_end > limit:
+        raise ValueError(f"key range [{k_start}, {k_end}) exceeds the {limit} keys available")
+    dev = q.device
+    as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=dev)
+    return flash_prefill_varlen(
+        q,
+        k,
+        v,
+        scale=scale,
+        cu_seqlens_q=as_i32([0, lq]),
+        max_seqlen_q=lq,
+        q_pos0=as_i32([q_pos0]),
+        k_start=as_i32([k_start]),
+        k_end=as_i32([k_end]),
+        block_table=block_table,
+        causal=causal,
+        rope_theta=rope_theta,
+        dca=dca,
+        yarn_original_max=yarn_original_max,
+        config=config,
+        out=out,
+        lse=lse,
+    )
+
+
+def flash_prefill_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    q_pos0: torch.Tensor,
+    k_end: torch.Tensor,
+    k_start: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    causal: bool = True,
+    rope_theta: float | None = None,
+    dca: DCAParams | None = None,
+    yarn_original_max: int | None = None,
+    config: KernelConfig | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Varlen batch: q [T, Hq, D] holds B sequences, sequence s at rows
+    cu_seqlens_q[s]:cu_seqlens_q[s+1] (int32 [B+1]); q_pos0, k_start, k_end: int32 [B];
+    block_table [B, max_blocks] must cover k_end[s] tokens of sequence s. max_seqlen_q (host
+    int) sizes the grid. Returns (out [T, Hq, D], lse [Hq, T] float32 natural log)."""
+    _check_prefill_inputs(q, k, v, block_table)
+    nseq = cu_seqlens_q.numel() - 1
+    if k_start is None:
+        k_start = torch.zeros(nseq, dtype=torch.int32, device=q.device)
+    paged = block_table is not None
+    if not paged:  # contiguous [Lk, Hkv, D] is one page holding every key
+        k, v = k[None], v[None]
+        if nseq != 1:
+            raise ValueError("contiguous k/v serve a single sequence; use a block table")
+    var = make_variant(q.shape[2], q.device, rope_theta, dca, yarn_original_max)
+    out = torch.empty_like(q) if out is None else out
+    if lse is None:
+        lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    if out.shape != q.shape or lse.shape != (q.shape[1], q.shape[0]) or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} / lse {tuple(lse.shape)} do not fit q")
+    if q.shape[0] == 0 or max_seqlen_q == 0:
+        return out, lse
+    _launch_prefill(
+        q,
+        k,
+        v,
+        block_table,
+        out,
+        lse,
+        cu_seqlens_q,
+        q_pos0,
+        k_start,
+        k_end,
+        scale,
+        var,
+        causal,
+        max_seqlen_q,
+        config or prefill_config(q.shape[2]),
+    )
+    return out, lse
+
+
+def _launch_prefill(
+    q,
+    k,
+    v,
+    block_table,
+    out,
+    lse,
+    cu_q,
+    q_pos0,
+    k_start,
+    k_end,
+    scale,
+    var: _Variant,
+    causal: bool,
+    max_seqlen_q: int,
+    cfg: KernelConfig,
+) -> None:
+    paged = block_table is not None
+    bt = block_table if paged else cu_q  # any int pointer when not paged (never read)
+    upcast, dot_prec = dtype_flags(q.dtype)
+    grid = (triton.cdiv(max_seqlen_q, cfg.block_m), q.shape[1], cu_q.numel() - 1)
+    _flash_prefill_kernel[grid](
+        q,
+        k,
+        v,
+        bt,
+        out,
+        lse,
+        cu_q,
+        q_pos0,
+        k_start,
+        k_end,
+        var.inv_freq if var.rope else q,
+        scale * LOG2E,
+        var.yarn_inv_orig,
+        var.dca_chunk_len,
+        var.dca_chunk_size,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        bt.stride(0) if paged else 0,
+        GROUPS=q.shape[1] // k.shape[2],
+        HEAD_DIM=q.shape[2],
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        PAGE_SIZE=k.shape[1] if paged else cfg.block_n,
+        PAGED=paged,
+        CAUSAL=causal,
+        ROPE=var.rope,
+        DCA=var.dca,
+        YARN=var.yarn,
+        UPCAST=upcast,
+        DOT_PREC=dot_prec,
+        FAST_TRIG=not interpreting(),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )

@@ -1,0 +1,237 @@
+"""Compile every shipped Triton kernel config for sm_90 without a GPU; check it fits an H100.
+
+The interpreter accepts tiles a GPU cannot launch, so this compiles the real configs
+(PREFILL_CONFIGS, DECODE_CONFIGS) with triton's bundled ptxas for GPUTarget("cuda", 90, 32)
+and asserts their shared memory fits 232448 bytes. TRITON_INTERPRET must be unset while
+the kernels are defined, so the compiles run in a subprocess (this file run as a script),
+with the divisibility specialization a real launch would get for 16-aligned arguments.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+H100_SHARED_MEMORY = 232448
+REPO = Path(__file__).resolve().parents[2]
+
+# Example launch values of the Qwen2.5-7B layout (28 q / 4 kv heads, 64-token blocks).
+_PREFILL_PTRS = dict(
+    BT="*i64",
+    LSE="*fp32",
+    CU_Q="*i32",
+    Q_POS0="*i32",
+    K_START="*i32",
+    K_END="*i32",
+    INV_FREQ="*fp32",
+)
+_PREFILL_INTS = dict(
+    chunk_len=253952,
+    chunk_size=262144,
+    stride_qt=3584,
+    stride_qh=128,
+    stride_kb=32768,
+    stride_ks=512,
+    stride_kh=128,
+    stride_ot=3584,
+    stride_oh=128,
+    stride_lh=32768,
+    stride_bt=2049,
+)
+_DECODE_PTRS = dict(BT="*i64", CTX="*i64", O_PART="*fp32", LSE_PART="*fp32", INV_FREQ="*fp32")
+_DECODE_INTS = dict(
+    chunk_len=253952,
+    chunk_size=262144,
+    partition_size=1024,
+    stride_qb=3584,
+    stride_qh=128,
+    stride_kb=32768,
+    stride_ks=512,
+    stride_kh=128,
+    stride_bt=2049,
+    stride_pb=3584 * 128,
+    stride_ph=128 * 128,
+    stride_pp=128,
+    stride_lb=3584,
+    stride_lh=128,
+)
+_REDUCE_PTRS = dict(O_PART="*fp32", LSE_PART="*fp32", CTX="*i64", LSE="*fp32")
+_REDUCE_INTS = dict(
+    partition_size=1024,
+    stride_pb=3584 * 128,
+    stride_ph=128 * 128,
+    stride_pp=128,
+    stride_lb=3584,
+    stride_lh=128,
+    stride_ob=3584,
+    stride_oh=128,
+    stride_lse_h=8,
+)
+
+
+def _cases() -> dict[str, dict]:
+    """name -> kernel, dtype, constexprs, launch options."""
+    cases = {}
+    for d in (64, 128):
+        for dca in (False, True):
+            for dtype in ("bf16", "fp16"):
+                cases[f"prefill-d{d}-{dtype}-{'dca' if dca else 'dense'}"] = dict(
+                    kernel="prefill", d=d, dtype=dtype, paged=True, page=64, dca=dca
+                )
+    cases["prefill-d128-bf16-contiguous"] = dict(
+        kernel="prefill", d=128, dtype="bf16", paged=False, page=64, dca=False
+    )
+    cases["prefill-d128-bf16-page16"] = dict(
+        kernel="prefill", d=128, dtype="bf16", paged=True, page=16, dca=False
+    )
+    for d in (64, 128):
+        for dca in (False, True):
+            cases[f"decode-d{d}-bf16-{'dca' if dca else 'dense'}"] = dict(
+                kernel="decode", d=d, dtype="bf16", page=64, dca=dca
+            )
+        cases[f"reduce-d{d}"] = dict(kernel="reduce", d=d, dtype="bf16")
+    cases["decode-d128-fp16-page16"] = dict(
+        kernel="decode", d=128, dtype="fp16", page=16, dca=False
+    )
+    return cases
+
+
+def _signature(fn, ptrs: dict, ints: dict, floats: tuple, dtype: str):
+    ptrs = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "Out": f"*{dtype}", **ptrs}
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in ptrs:
+            sig[name] = ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ints:
+            sig[name] = "i32"
+            if ints[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "constexpr"
+    return sig, attrs
+
+
+def _compile_case(case: dict) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    # the package re-exports functions named like these modules: import the modules themselves
+    fp = importlib.import_module("longctx.ops.triton.flash_prefill")
+    pd = importlib.import_module("longctx.ops.triton.paged_decode")
+
+    d, dtype = case["d"], case["dtype"]
+    if case["kernel"] == "prefill":
+        cfg = fp.PREFILL_CONFIGS[d]
+        fn = fp._flash_prefill_kernel
+        sig, attrs = _signature(
+            fn, _PREFILL_PTRS, _PREFILL_INTS, ("qk_scale", "yarn_inv_orig"), dtype
+        )
+        const = dict(
+            GROUPS=7,
+            HEAD_DIM=d,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            PAGE_SIZE=case["page"],
+            PAGED=case["paged"],
+            CAUSAL=True,
+            ROPE=case["dca"],
+            DCA=case["dca"],
+            YARN=case["dca"],
+            UPCAST=False,
+            DOT_PREC="tf32",
+            FAST_TRIG=True,
+        )
+        opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif case["kernel"] == "decode":
+        cfg = pd.DECODE_CONFIGS[d]
+        fn = pd._paged_decode_kernel
+        sig, attrs = _signature(
+            fn, _DECODE_PTRS, _DECODE_INTS, ("qk_scale", "yarn_inv_orig"), dtype
+        )
+        const = dict(
+            GROUPS=7,
+            BLOCK_G=16,
+            HEAD_DIM=d,
+            BLOCK_N=cfg.block_n,
+            PAGE_SIZE=case["page"],
+            ROPE=case["dca"],
+            DCA=case["dca"],
+            YARN=case["dca"],
+            UPCAST=False,
+            DOT_PREC="tf32",
+            FAST_TRIG=True,
+        )
+        opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        fn = pd._decode_reduce_kernel
+        sig, attrs = _signature(fn, _REDUCE_PTRS, _REDUCE_INTS, (), dtype)
+        const = dict(BLOCK_D=min(d, pd.REDUCE_BLOCK_D), BLOCK_P=pd.REDUCE_MAX_BLOCK_P)
+        opts = dict(num_warps=4)
+    src = ASTSource(fn, sig, const, attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    return dict(shared=kernel.metadata.shared, num_warps=kernel.metadata.num_warps)
+
+
+def _main() -> None:
+    """Subprocess entry: compile the cases named in argv (all by default), print JSON."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    cases = _cases()
+    names = sys.argv[1:] or list(cases)
+    results = {}
+    with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        futures = {n: pool.submit(_compile_case, cases[n]) for n in names}
+        for n, f in futures.items():
+            try:
+                results[n] = f.result()
+            except Exception as e:  # reported per case by the test
+                results[n] = dict(error=f"{type(e).__name__}: {e}"[:2000])
+    print("RESULTS " + json.dumps(results))
+
+
+def _offline_cuda_compile_unavailable() -> str | None:
+    try:
+        import triton.backends.nvidia as nv
+    except ImportError:
+        return "this triton build has no NVIDIA backend"
+    if not (Path(nv.__file__).parent / "bin" / "ptxas").exists() and not os.environ.get(
+        "TRITON_PTXAS_PATH"
+    ):
+        return "this triton build bundles no ptxas (set TRITON_PTXAS_PATH)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    reason = _offline_cuda_compile_unavailable()
+    if reason:
+        pytest.skip(f"cannot compile for sm_90 offline: {reason}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULTS ")), None)
+    assert line, f"compile subprocess failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    return json.loads(line[len("RESULTS ") :])
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_compiles_for_sm90_within_shared_memory(compiled, name):
+    res = compiled[name]
+    assert "error" not in res, res.get("error")
+    assert res["shared"] <= H100_SHARED_MEMORY, f"{name}: {res['shared']} bytes of shared memory"
+
+
+if __name__ == "__main__":
+    _main()
