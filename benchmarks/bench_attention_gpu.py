@@ -91,7 +91,10 @@ def rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def randn(*shape: int, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32).to(DTYPE)
+    # Seeded from the host generator, drawn on the GPU: host randn of 128K-token tensors is slow.
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    cuda_gen = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(*shape, generator=cuda_gen, device="cuda", dtype=torch.float32).to(DTYPE)
 
 
 # ------------------------------------------------------------------------------------------------
