@@ -18,6 +18,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "Qwen2.5-Coder-0.5B-Instruct GGUF, fetched on first use)",
     )
     g.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="random weights for the architecture of --model (a model directory, a config.json, "
+        "or qwen2.5-7b-instruct-1m / qwen2.5-14b-instruct-1m): for speed measurements",
+    )
+    g.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
