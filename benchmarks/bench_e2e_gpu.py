@@ -87,7 +87,7 @@ def ours_decode_tps(llm: LLM, batch: int, ctx: int, steps: int, vocab: int) -> f
     return batch * steps / (tn - t1)
 
 
-def check_correctness(cfg: ModelConfig, device: str, n: int) -> str:
+def check_correctness(cfg: ModelConfig, device: str, n: int, backend: str) -> str:
     """Last-token logprobs of a 4-layer float32 slice of the architecture, our chunked prefill
     against transformers' single pass. (Full-depth random bf16 nets are chaotic: rounding alone
     moves their logits, so the exact check is done in float32.)"""
@@ -107,7 +107,7 @@ def check_correctness(cfg: ModelConfig, device: str, n: int) -> str:
         checkpoint=ckpt,
         dtype="float32",
         device=device,
-        attention_backend="torch",
+        attention_backend=backend,
         max_num_batched_tokens=n // 4,
         kv_cache_gib=1.0,
     )
@@ -127,10 +127,18 @@ def main() -> None:
         "--long", type=int, default=524288, help="chunked-prefill-only length (0: skip)"
     )
     ap.add_argument("--chunk", type=int, default=32768, help="max_num_batched_tokens")
+    ap.add_argument("--backend", default="torch", help="longctx attention backend")
+    ap.add_argument(
+        "--keep-dca",
+        action="store_true",
+        help="keep the 1M model's dual_chunk_attention_config (DCA on)",
+    )
     args = ap.parse_args()
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    cfg = builtin_config("qwen2.5-7b-instruct-1m").with_dca(None)
+    cfg = builtin_config("qwen2.5-7b-instruct-1m")
+    if not args.keep_dca:
+        cfg = cfg.with_dca(None)
     if args.tiny:
         cfg = dataclasses.replace(
             cfg,
@@ -148,7 +156,7 @@ def main() -> None:
     env = environment()
     rows: list[dict] = []
 
-    check = check_correctness(cfg, device, 256 if args.tiny else 4096)
+    check = check_correctness(cfg, device, 256 if args.tiny else 4096, args.backend)
     print(f"check: {check}", flush=True)
     hf = hf_model(cfg, device, dtype)
     hf_ttft(hf, prompt(lengths[0], cfg.vocab_size), device)  # warm-up
@@ -167,7 +175,7 @@ def main() -> None:
         checkpoint=ckpt,
         dtype="float32" if args.tiny else "bfloat16",
         device=device,
-        attention_backend="torch",
+        attention_backend=args.backend,
         max_num_batched_tokens=chunk,
         kv_cache_gib=0.5 if args.tiny else None,
     )
@@ -210,14 +218,19 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
     notes = (
-        f"Qwen2.5-7B-Instruct-1M shape, random weights, {dtype}; longctx attention_backend=torch, "
+        f"Qwen2.5-7B-Instruct-1M shape, random weights, {dtype}; "
+        f"longctx attention_backend={args.backend}, DCA {'on' if cfg.dca else 'off'}, "
         f"max_num_batched_tokens={chunk}, KV cache {llm.engine.runner.kv_capacity_tokens} tokens; "
         f"decode columns are tokens/s (higher is better), TTFT columns seconds. "
         f"Correctness check (4-layer float32 slice of the same shape, prompt prefilled in 4 "
         f"chunks vs transformers' one pass): {check}"
     )
     write_results(
-        out_dir(args.out), "e2e_gpu" if not args.tiny else "e2e_gpu_tiny", env, rows, notes
+        out_dir(args.out),
+        f"e2e_gpu_{args.backend}{'_dca' if cfg.dca else ''}" + ("_tiny" if args.tiny else ""),
+        env,
+        rows,
+        notes,
     )
 
 

@@ -1,5 +1,6 @@
 from longctx.config import ModelConfig
 from longctx.errors import ConfigError
+from longctx.eval.clamped_rope import ClampedRopeBackend
 from longctx.layers.attention.backend import AttentionBackend
 from longctx.layers.attention.dca_backend import DCAAttentionBackend
 from longctx.layers.attention.torch_backend import TorchAttentionBackend
@@ -7,13 +8,31 @@ from longctx.layers.attention.torch_backend import TorchAttentionBackend
 BACKENDS: dict[str, type[AttentionBackend]] = {
     "torch": TorchAttentionBackend,
     "dca": DCAAttentionBackend,
+    "rope-clamp": ClampedRopeBackend,  # evaluation baseline: positions held at the trained limit
 }
 
 
+def _triton_backend() -> type[AttentionBackend]:
+    # Imported on demand: CPU installs need not have triton.
+    from longctx.layers.attention.triton_backend import TritonAttentionBackend
+
+    return TritonAttentionBackend
+
+
+_LAZY: dict[str, object] = {"triton": _triton_backend}
+
+
 def make_backend(name: str, config: ModelConfig, device_type: str) -> AttentionBackend:
-    """'auto' picks the fastest backend available for the device and the model's settings."""
+    """'auto' picks the fastest backend available for the device and the model's settings:
+    the Triton kernels on CUDA, the PyTorch DCA or plain backend on the CPU."""
     if name == "auto":
-        name = "dca" if config.dca is not None else "torch"
+        if device_type == "cuda":
+            name = "triton"
+        else:
+            name = "dca" if config.dca is not None else "torch"
+    if name in _LAZY:
+        return _LAZY[name]()(config)
     if name not in BACKENDS:
-        raise ConfigError(f"unknown attention backend {name!r} (available: {', '.join(BACKENDS)})")
+        known = ", ".join([*BACKENDS, *_LAZY])
+        raise ConfigError(f"unknown attention backend {name!r} (available: {known})")
     return BACKENDS[name](config)
