@@ -1,7 +1,7 @@
 from longctx.config import ModelConfig
 from longctx.errors import ConfigError
-from longctx.eval.clamped_rope import ClampedRopeBackend
 from longctx.layers.attention.backend import AttentionBackend
+from longctx.layers.attention.clamped_rope_backend import ClampedRopeBackend
 from longctx.layers.attention.dca_backend import DCAAttentionBackend
 from longctx.layers.attention.torch_backend import TorchAttentionBackend
 
