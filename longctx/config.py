@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from longctx.errors import ConfigError
+
+if TYPE_CHECKING:
+    from longctx.sparse.config import SparseConfig
 
 SUPPORTED_ARCHITECTURES = ("qwen2", "llama")
 
@@ -233,7 +236,9 @@ class EngineConfig:
     dtype: str = "auto"
     device: str | None = None
     attention_backend: str = "auto"
+    enforce_eager: bool = False  # no CUDA graphs for decode
     seed: int = 0
+    sparse: SparseConfig | None = None  # sparse prefill (longctx.sparse); None: dense
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -66,6 +66,7 @@ class LLMEngine:
             self.device,
             self.dtype,
             self.max_num_batched_tokens,
+            self.max_model_len,
         )
         self.block_size = config.block_size
         self.scheduler = Scheduler(

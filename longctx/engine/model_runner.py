@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from longctx.config import EngineConfig, ModelConfig
+from longctx.engine.cuda_graphs import DecodeGraphs
 from longctx.engine.kv_cache import allocate_kv_caches, blocks_for, kv_bytes_per_token
 from longctx.engine.scheduler import ScheduledBatch
 from longctx.errors import OutOfKVMemoryError
@@ -43,16 +44,37 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         max_num_batched_tokens: int,
+        max_model_len: int,
     ) -> None:
         self.config = model_config
         self.device, self.dtype = device, dtype
         self.block_size = engine_config.block_size
         self.model = build_model(model_config, weights, device, dtype, engine_config.seed)
-        self.backend = make_backend(engine_config.attention_backend, model_config, device.type)
-        self.num_blocks = self._kv_capacity(engine_config, max_num_batched_tokens)
-        self.kv_caches: tuple[KVCache, ...] = allocate_kv_caches(
-            model_config, self.num_blocks, self.block_size, dtype, device
+        self.backend = make_backend(
+            engine_config.attention_backend, model_config, device.type, engine_config.sparse
         )
+        self.num_blocks = self._kv_capacity(engine_config, max_num_batched_tokens)
+        # One block more than the allocator hands out: scratch space for CUDA-graph padding rows.
+        self.kv_caches: tuple[KVCache, ...] = allocate_kv_caches(
+            model_config, self.num_blocks + 1, self.block_size, dtype, device
+        )
+        self.graphs = self._decode_graphs(engine_config, max_model_len)
+
+    def _decode_graphs(self, cfg: EngineConfig, max_model_len: int) -> DecodeGraphs | None:
+        if cfg.enforce_eager or self.device.type != "cuda" or not self.backend.supports_cuda_graphs:
+            return None
+        graphs = DecodeGraphs(
+            self.model,
+            self.backend,
+            self.kv_caches,
+            self.block_size,
+            table_width=blocks_for(max_model_len, self.block_size),
+            scratch_block=self.num_blocks,
+            max_batch=cfg.max_num_seqs,
+            device=self.device,
+        )
+        graphs.capture()
+        return graphs
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -98,22 +120,27 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         ids, layout = self._inputs(batch)
-        meta = self.backend.prepare(layout, self.device)
-        hidden = self.model(ids, ForwardContext(self.backend, meta, self.kv_caches))
         sampling = [i for i in range(len(batch.seqs)) if batch.samples(i)]
-        rows = [meta.query_starts[i + 1] - 1 for i in sampling]
+        wants_prompt_lps = any(s.params.prompt_logprobs is not None for s in batch.seqs)
+        if self.graphs is not None and self.graphs.fits(layout) and not wants_prompt_lps:
+            logits = self.graphs.run(ids, layout)[sampling]
+            prompt_lps: tuple = (None,) * len(batch.seqs)
+        else:
+            meta = self.backend.prepare(layout, self.device)
+            hidden = self.model(ids, ForwardContext(self.backend, meta, self.kv_caches))
+            rows = [meta.query_starts[i + 1] - 1 for i in sampling]
+            logits = self.model.compute_logits(hidden[rows]) if sampling else None
+            prompt_lps = tuple(
+                self._prompt_logprobs(batch, i, hidden, meta.query_starts[i])
+                for i in range(len(batch.seqs))
+            )
         tokens: list[int | None] = [None] * len(batch.seqs)
         lps: list[dict[int, float] | None] = [None] * len(batch.seqs)
         if sampling:
-            logits = self.model.compute_logits(hidden[rows])
             reqs = [SampleRequest(batch.seqs[i].params, batch.seqs[i].generator) for i in sampling]
             result = sample(logits, reqs)
             for j, i in enumerate(sampling):
                 tokens[i], lps[i] = result.token_ids[j], result.logprobs[j]
-        prompt_lps = tuple(
-            self._prompt_logprobs(batch, i, hidden, meta.query_starts[i])
-            for i in range(len(batch.seqs))
-        )
         return StepOutput(tuple(tokens), tuple(lps), prompt_lps)
 
     def _inputs(self, batch: ScheduledBatch) -> tuple[torch.Tensor, BatchLayout]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from longctx.config import DCAConfig
 from longctx.errors import ConfigError
+from longctx.sparse.config import SparseConfig, resolve_sparse_config
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -16,6 +17,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="Hugging Face model directory or .gguf file (default: the built-in "
         "Qwen2.5-Coder-0.5B-Instruct GGUF, fetched on first use)",
+    )
+    g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run decode eagerly (no CUDA graphs); for debugging",
     )
     g.add_argument(
         "--random-weights",
@@ -60,7 +66,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--attention-backend",
         default="auto",
-        help="attention implementation: auto, torch, dca, ... (default: auto)",
+        help="attention implementation: auto, torch, dca, triton, sparse, ... (default: auto)",
     )
     d = p.add_argument_group(
         "Dual Chunk Attention (length extrapolation; on by default for models whose config has "
@@ -83,6 +89,45 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="trained context length, for YaRN attention scaling (default: the DCA chunk size)",
+    )
+    s = p.add_argument_group(
+        "sparse prefill (MInference vertical-slash; on by default for model directories with "
+        "sparse_attention_config.json)"
+    )
+    s.add_argument(
+        "--sparse-config",
+        default=None,
+        metavar="PATH",
+        help="per-head pattern file (MInference format), or 'default' for 1000 vertical / "
+        "6096 slash per head",
+    )
+    s.add_argument("--no-sparse", action="store_true", help="dense prefill at every length")
+    s.add_argument(
+        "--sparse-threshold",
+        type=int,
+        default=None,
+        help="prefill chunks go sparse once the sequence's cached length passes this "
+        "(default 32768)",
+    )
+    s.add_argument(
+        "--sparse-last-q",
+        type=int,
+        default=None,
+        help="queries per chunk that estimate the pattern (default 64)",
+    )
+
+
+def sparse_from_args(args: argparse.Namespace) -> SparseConfig | bool | None:
+    """False (--no-sparse), a SparseConfig, or None: nothing found (the LLM then stays dense)."""
+    if args.no_sparse:
+        if args.sparse_config is not None:
+            raise ConfigError("--no-sparse and --sparse-config exclude each other")
+        return False
+    return resolve_sparse_config(
+        args.sparse_config,
+        args.model,
+        threshold=args.sparse_threshold,
+        last_q=args.sparse_last_q,
     )
 
 
@@ -107,8 +152,10 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         model=args.model,
         random_weights=args.random_weights,
+        enforce_eager=args.enforce_eager,
         dtype=args.dtype,
         dca=dca_from_args(args),
+        sparse=sparse_from_args(args),
         device=args.device,
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,

@@ -51,6 +51,10 @@ class BatchLayout:
     context_lens: tuple[int, ...]
     block_tables: tuple[tuple[int, ...], ...]
     block_size: int
+    # CUDA-graph steps: pad block tables to this width, and let no host-side choice depend on
+    # the data (the captured kernels must serve every later replay).
+    table_width: int = 0
+    static: bool = False
 
     def __post_init__(self) -> None:
         if not (len(self.query_lens) == len(self.context_lens) == len(self.block_tables)):
@@ -91,6 +95,10 @@ class ForwardContext:
 
 
 class AttentionBackend(ABC):
+    # Whether a decode-only forward pass through this backend can be captured in a CUDA graph
+    # (static shapes: no host syncs, no data-dependent sizes).
+    supports_cuda_graphs: bool = False
+
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
         self.scale = config.head_dim**-0.5
@@ -114,7 +122,7 @@ class AttentionBackend(ABC):
 
 def build_common_metadata(layout: BatchLayout, device: torch.device) -> AttentionMetadata:
     bs = layout.block_size
-    width = max((len(t) for t in layout.block_tables), default=0)
+    width = max(max((len(t) for t in layout.block_tables), default=0), layout.table_width)
     table = torch.zeros((len(layout.block_tables), max(width, 1)), dtype=torch.int64)
     positions, slots, starts = [], [], [0]
     for i, (qlen, ctx, blocks) in enumerate(

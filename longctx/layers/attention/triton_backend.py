@@ -39,6 +39,8 @@ class TritonMetadata(AttentionMetadata):
 
 
 class TritonAttentionBackend(AttentionBackend):
+    supports_cuda_graphs = True
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         self.dca = config.dca
@@ -61,7 +63,8 @@ class TritonAttentionBackend(AttentionBackend):
             q_pos0=i32(q_pos0),
             k_end=i32(layout.context_lens),
             max_query_len=max(layout.query_lens),
-            use_dca=self.dca is not None and max(layout.context_lens) > self.dca.chunk_len,
+            use_dca=self.dca is not None
+            and (layout.static or max(layout.context_lens) > self.dca.chunk_len),
         )
 
     def forward(
