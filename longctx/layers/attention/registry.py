@@ -22,9 +22,13 @@ def _triton_backend() -> type[AttentionBackend]:
 _LAZY: dict[str, object] = {"triton": _triton_backend}
 
 
-def make_backend(name: str, config: ModelConfig, device_type: str) -> AttentionBackend:
+def make_backend(
+    name: str, config: ModelConfig, device_type: str, sparse: object | None = None
+) -> AttentionBackend:
     """'auto' picks the fastest backend available for the device and the model's settings:
     the Triton kernels on CUDA, the PyTorch DCA or plain backend on the CPU."""
+    if sparse is not None or name == "sparse":
+        raise ConfigError("sparse prefill is not available in this build")
     if name == "auto":
         if device_type == "cuda":
             name = "triton"
