@@ -16,6 +16,7 @@ from longctx.errors import ConfigError
 from longctx.loading import random_checkpoint
 from longctx.loading.checkpoint import Checkpoint, load_checkpoint
 from longctx.sampling_params import SamplingParams
+from longctx.sparse.config import SparseConfig, resolve_sparse_config
 
 Prompt = str | Sequence[int]
 Message = dict[str, str]
@@ -28,6 +29,9 @@ class LLM:
     random_weights: take only the architecture from `model` (a directory, a config.json or a
     built-in config name such as "qwen2.5-7b-instruct-1m") and draw the weights at random.
     dca: turn Dual Chunk Attention on for a model whose config.json lacks it.
+    sparse: sparse prefill (MInference vertical-slash): a SparseConfig, a pattern file path,
+    "default" (default budgets), False (off) or None (on if the model directory has a
+    sparse_attention_config.json or the config.json sparse_attention_* keys).
     Other keyword arguments are EngineConfig fields (max_model_len, max_num_batched_tokens,
     kv_cache_gib, block_size, device, ...).
     """
@@ -39,6 +43,7 @@ class LLM:
         *,
         checkpoint: Checkpoint | None = None,
         dca: DCAConfig | None = None,
+        sparse: SparseConfig | str | os.PathLike | bool | None = None,
         random_weights: bool = False,
         **engine_kwargs,
     ) -> None:
@@ -52,7 +57,10 @@ class LLM:
             ckpt = load_checkpoint(model)
         if dca is not None:
             ckpt = dataclasses.replace(ckpt, config=ckpt.config.with_dca(dca))
-        self.engine = LLMEngine(ckpt, EngineConfig(dtype=dtype, **engine_kwargs))
+        sparse_config = resolve_sparse_config(sparse, model if checkpoint is None else None)
+        self.engine = LLMEngine(
+            ckpt, EngineConfig(dtype=dtype, sparse=sparse_config, **engine_kwargs)
+        )
 
     @property
     def tokenizer(self):

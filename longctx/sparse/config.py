@@ -130,7 +130,9 @@ class SparseConfig:
         return cls.from_minference(data, source=str(p), **kwargs)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        Path(path).write_text(json.dumps(self.to_minference(), indent=1) + "\n", encoding="utf-8")
+        """One layer per line."""
+        lines = ",\n".join(" " + json.dumps(layer) for layer in self.to_minference())
+        Path(path).write_text(f"[\n{lines}\n]\n", encoding="utf-8")
 
 
 def _parse_layer(index: int, entry: Any, where: str) -> tuple[HeadPattern, ...]:

@@ -3,7 +3,9 @@ from longctx.errors import ConfigError
 from longctx.layers.attention.backend import AttentionBackend
 from longctx.layers.attention.clamped_rope_backend import ClampedRopeBackend
 from longctx.layers.attention.dca_backend import DCAAttentionBackend
+from longctx.layers.attention.sparse_backend import SparseAttentionBackend
 from longctx.layers.attention.torch_backend import TorchAttentionBackend
+from longctx.sparse.config import SparseConfig
 
 BACKENDS: dict[str, type[AttentionBackend]] = {
     "torch": TorchAttentionBackend,
@@ -23,12 +25,15 @@ _LAZY: dict[str, object] = {"triton": _triton_backend}
 
 
 def make_backend(
-    name: str, config: ModelConfig, device_type: str, sparse: object | None = None
+    name: str, config: ModelConfig, device_type: str, sparse: SparseConfig | None = None
 ) -> AttentionBackend:
     """'auto' picks the fastest backend available for the device and the model's settings:
-    the Triton kernels on CUDA, the PyTorch DCA or plain backend on the CPU."""
-    if sparse is not None or name == "sparse":
-        raise ConfigError("sparse prefill is not available in this build")
+    the Triton kernels on CUDA, the PyTorch DCA or plain backend on the CPU -- wrapped in
+    sparse prefill when a sparse config is given ('sparse' forces it, default budgets if
+    none). A dense backend named explicitly runs dense."""
+    if name == "sparse" or (name == "auto" and sparse is not None):
+        dense = make_backend("auto", config, device_type)
+        return SparseAttentionBackend(config, sparse or SparseConfig(), dense)
     if name == "auto":
         if device_type == "cuda":
             name = "triton"
@@ -37,6 +42,6 @@ def make_backend(
     if name in _LAZY:
         return _LAZY[name]()(config)
     if name not in BACKENDS:
-        known = ", ".join([*BACKENDS, *_LAZY])
+        known = ", ".join([*BACKENDS, *_LAZY, "sparse"])
         raise ConfigError(f"unknown attention backend {name!r} (available: {known})")
     return BACKENDS[name](config)

@@ -1,0 +1,705 @@
+"""Vertical-slash sparse prefill on one GPU (issue "Sparse prefill"), 7B-1M head layout.
+
+  PYTHONPATH=. python benchmarks/bench_sparse_gpu.py --out $OUT            # full (~6-8 min)
+  PYTHONPATH=. python benchmarks/bench_sparse_gpu.py --quick --out $OUT    # 128K only (~1 min)
+
+28 q / 4 kv heads, d=128, bf16, keys/values in a paged cache (64-token pages, shuffled table).
+Random weights give random attention (DESIGN.md section 5), so the kernel runs FIXED patterns at
+the default budget (1000 vertical / 6096 slash per head), per head:
+
+    local   columns: 30 sinks + 970 random; slashes: the 6096 diagonals nearest the main one
+    mixed   the same columns; 90% of the slashes nearest the main diagonal, 10% spread uniformly
+
+1. Checks first, failing loudly (exit 1): the Triton kernel against its PyTorch reference from
+   the same index (plain causal and three DCA parts), and full budgets against dense SDPA.
+2. Per-layer attention time at 128K..1M tokens, one prefill of the whole length: dense cuDNN
+   SDPA (causal, GQA) against sparse = estimation (last 64 queries vs every key, timed on the
+   random data; includes gathering the keys from the cache) + index conversion (of the fixed
+   pattern) + kernel. Speedup beside MInference's (DESIGN.md section 5: 4.7x/21x/44x local,
+   1.4x/5.5x/10.3x mixed at 128K/512K/1M). cuDNN at 1M runs once (about 16 s); --dense-1m
+   extrapolate uses 4x the 512K time instead.
+3. Kernel configs (block sizes, stages) at 256K, both patterns.
+4. TTFT at 1M (mixed pattern), estimated: 28 x per-layer attention + linear layers (QKV, O,
+   MLP of the 7B, measured on a 32K-token chunk) x 32 chunks x 28 layers; and how the chunked
+   prefill's attention moves with the chunk length (max_num_batched_tokens): per chunk,
+   estimation against every cached key + conversion + kernel.
+Timings: CUDA events, median of repeats after a warm-up; random data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, ".")
+from benchmarks.common import environment, out_dir, write_results  # noqa: E402
+from longctx.layers.attention.backend import KVCache  # noqa: E402
+from longctx.layers.attention.sparse_backend import sequence_kv  # noqa: E402
+from longctx.ops.triton.vs_sparse import (  # noqa: E402
+    SparseKernelConfig,
+    sparse_config,
+    vs_sparse_attention,
+)
+from longctx.sparse.convert import SegmentIndex, convert_indices  # noqa: E402
+from longctx.sparse.estimate import (  # noqa: E402
+    PartSelection,
+    SparsePart,
+    estimate_indices,
+    segment_parts,
+)
+from longctx.sparse.reference import sparse_attention_reference  # noqa: E402
+
+# The 7B-1M layout. --dry-run (CPU, Triton interpreter) shrinks these to check the script's
+# logic before it costs GPU time; nothing else changes them.
+DEVICE = "cuda"
+HQ, HKV, D = 28, 4, 128
+LAYERS, HIDDEN, INTER = 28, 3584, 18944
+DTYPE = torch.bfloat16
+SCALE = D**-0.5
+PAGE = 64
+VERTICAL, SLASH, LAST_Q = 1000, 6096, 64
+SINKS = 30
+K = 1024
+DCA_CHUNK, DCA_LOCAL = 262144, 8192  # Qwen2.5-7B-Instruct-1M dual_chunk_attention_config
+CHECK_TOKENS = 8192
+MINFERENCE = {128 * K: (4.7, 1.4), 512 * K: (21.0, 5.5), 1024 * K: (44.0, 10.3)}
+CUDNN_ANCHOR_S = {128 * K: 0.21, 512 * K: 3.9, 1024 * K: 16.2}
+TARGET_VS_MINFERENCE = 1.5  # at 512K and 1M
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs and patterns
+# ------------------------------------------------------------------------------------------------
+
+
+def randn(*shape: int, seed: int) -> torch.Tensor:
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return torch.randn(*shape, generator=g, device=DEVICE, dtype=torch.float32).to(DTYPE)
+
+
+def paged(k: torch.Tensor, v: torch.Tensor, seed: int) -> tuple[KVCache, torch.Tensor]:
+    """[L, Hkv, D] keys/values into a cache of 64-token pages through a shuffled block table."""
+    n = -(-k.shape[0] // PAGE)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    table = torch.randperm(n + 1, generator=g, device=DEVICE)[:n].contiguous()
+    caches = []
+    for x in (k, v):
+        cache = torch.zeros((n + 1, PAGE, HKV, D), dtype=DTYPE, device=DEVICE)
+        cache[table] = F.pad(x, (0, 0, 0, 0, 0, n * PAGE - x.shape[0])).view(n, PAGE, HKV, D)
+        caches.append(cache)
+    return KVCache(caches[0], caches[1]), table
+
+
+def distinct(count: int, lo: int, hi: int, seed: int) -> torch.Tensor:
+    """[HQ, count] distinct random integers in [lo, hi) per head (fewer if the range is short)."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    count = min(count, hi - lo)
+    return torch.stack(
+        [lo + torch.randperm(hi - lo, generator=g, device=DEVICE)[:count] for _ in range(HQ)]
+    )
+
+
+def fixed_pattern(
+    kind: str, part: SparsePart, q_start: int, q_end: int, seed: int
+) -> PartSelection:
+    """The benchmark's fixed pattern (module doc) for one part and the queries [q_start, q_end):
+    the part's first 30 columns + random ones; the nearest selection distances the queries
+    reach (all of the slash budget for local, 90% for mixed) + the rest spread over the range."""
+    lo, hi = part.key_lo, part.key_hi
+    sinks = torch.arange(lo, lo + min(SINKS, hi - lo), device=DEVICE).expand(HQ, -1)
+    cols = torch.cat([sinks, distinct(VERTICAL - sinks.shape[1], lo + sinks.shape[1], hi, seed)], 1)
+    lowest = q_start - lo + part.q_shift - (part.diagonal_width - 1)
+    if part.causal:
+        lowest = max(lowest, part.q_shift)
+    highest = q_end - 1 - lo + part.q_shift
+    near = SLASH if kind == "local" else SLASH * 9 // 10
+    local = torch.arange(lowest, lowest + near, device=DEVICE).expand(HQ, -1)
+    spread = distinct(SLASH - near, lowest + near, max(highest + 1, lowest + near + 1), seed + 1)
+    return PartSelection(cols.long(), torch.cat([local, spread], 1).long())
+
+
+def keys_per_row(index: SegmentIndex) -> float:
+    """Mean keys a query row is scored against (whole tiles and column tiles)."""
+    tiles = (index.tile_range[..., 1] - index.tile_range[..., 0]).double()
+    cols = -(-index.column_count.double() // index.block_n) * index.block_n
+    return float((tiles * index.block_n + cols).mean())
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def free() -> None:
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Stopwatch:
+    """Marks on the device timeline (CUDA events), or host time elsewhere."""
+
+    def __init__(self) -> None:
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if DEVICE == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def laps(self) -> list[float]:
+        """Seconds between consecutive marks (synchronises)."""
+        sync()
+        if DEVICE == "cuda":
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def cuda_seconds(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
+    """Median seconds of fn() after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        watch = Stopwatch()
+        watch.mark()
+        fn()
+        watch.mark()
+        times.extend(watch.laps())
+    return sorted(times)[len(times) // 2]
+
+
+def reps_for(length: int) -> int:
+    return 5 if length <= 128 * K else 3 if length <= 512 * K else 2
+
+
+def dense_fn(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool
+) -> Callable[[], torch.Tensor]:
+    """cuDNN SDPA, causal: native GQA, or K/V expanded to 28 heads where the build refuses it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    if not gqa:
+        kh, vh = (x.repeat_interleave(HQ // HKV, 1) for x in (kh, vh))
+    backend = SDPBackend.CUDNN_ATTENTION if DEVICE == "cuda" else SDPBackend.MATH
+
+    def run():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa)
+
+    return run
+
+
+def cudnn_takes_gqa() -> bool:
+    q, k = randn(1024, HQ, D, seed=0), randn(1024, HKV, D, seed=0)
+    try:
+        dense_fn(q, k, k, gqa=True)()
+        return True
+    except RuntimeError:
+        return False
+
+
+def kernel_config() -> SparseKernelConfig:
+    return sparse_config(D)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. checks
+# ------------------------------------------------------------------------------------------------
+
+
+def run_checks() -> list[dict]:
+    """Kernel vs PyTorch reference (same index), full budget vs SDPA. Raises on a mismatch."""
+    from longctx.ops.dca import DCASegment
+
+    rows = []
+    length = CHECK_TOKENS
+    q, k, v = (
+        randn(length, HQ, D, seed=1),
+        randn(length, HKV, D, seed=2),
+        randn(length, HKV, D, seed=3),
+    )
+    cache, table = paged(k, v, seed=4)
+    cfg = kernel_config()
+    c = length * 3 // 8  # DCA chunk_len: the last quarter of the queries sees three parts
+    dca = SimpleNamespace(chunk_size=length // 2, local_size=length // 2 - c, chunk_len=c)
+    cases = [("plain causal", [SparsePart(0, length, causal=True)], 0)]
+    seg = DCASegment(chunk=2, q_start=2 * c, q_end=length, chunk_len=c)
+    cases.append(("DCA three parts", segment_parts(seg, dca), 2 * c))
+    for name, parts, q0 in cases:
+        n = length - q0
+        qp = torch.stack([randn(n, HQ, D, seed=10 + i) for i in range(len(parts))])
+        sels = estimate_indices(
+            qp[:, -LAST_Q:],
+            k,
+            parts,
+            length - LAST_Q,
+            [VERTICAL // 5] * HQ,
+            [SLASH // 8] * HQ,
+            scale=SCALE,
+        )
+        index = convert_indices(sels, parts, q0, n, block_m=cfg.block_m, block_n=cfg.block_n)
+        out, lse = vs_sparse_attention(qp, cache.k, cache.v, table, index, scale=SCALE)
+        ref_out, ref_lse = sparse_attention_reference(qp, k, v, index, scale=SCALE)
+        err = (out.float() - ref_out.float()).abs().max().item()
+        lse_err = (lse - ref_lse).abs().max().item()
+        rows.append(dict(check=f"kernel vs reference, {name}", max_abs_err=err, lse_err=lse_err))
+        if not (err < 5e-2 and lse_err < 5e-2):
+            raise SystemExit(f"CHECK FAILED: {rows[-1]}")
+    part = SparsePart(0, length, causal=True)
+    full = PartSelection(
+        torch.arange(length, device=DEVICE).expand(HQ, -1),
+        torch.arange(length, device=DEVICE).expand(HQ, -1),
+    )
+    index = convert_indices([full], [part], 0, length, block_m=cfg.block_m, block_n=cfg.block_n)
+    out, _ = vs_sparse_attention(q[None], cache.k, cache.v, table, index, scale=SCALE)
+    want = dense_fn(q, k, v, cudnn_takes_gqa())()[0].transpose(0, 1)
+    err = (out.float() - want.float()).abs().max().item()
+    rows.append(dict(check="full budget vs cuDNN SDPA", max_abs_err=err))
+    if not err < 5e-2:
+        raise SystemExit(f"CHECK FAILED: {rows[-1]}")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. per-layer attention, one prefill of the whole length
+# ------------------------------------------------------------------------------------------------
+
+
+def time_estimation(q: torch.Tensor, cache: KVCache, table: torch.Tensor, length: int) -> float:
+    part = SparsePart(0, length, causal=True)
+
+    def run():
+        keys, _ = sequence_kv(cache, table, length, with_values=False)
+        return estimate_indices(
+            q[None, -LAST_Q:], keys, [part], length - LAST_Q, [VERTICAL] * HQ, [SLASH] * HQ,
+            scale=SCALE,
+        )  # fmt: skip
+
+    return cuda_seconds(run, reps=3)
+
+
+def sparse_layer(
+    q, cache, table, length: int, kind: str, cfg: SparseKernelConfig, reps: int
+) -> dict:
+    part = SparsePart(0, length, causal=True)
+    sel = fixed_pattern(kind, part, 0, length, seed=length + len(kind))
+    convert = lambda: convert_indices(
+        [sel], [part], 0, length, block_m=cfg.block_m, block_n=cfg.block_n
+    )
+    convert_s = cuda_seconds(convert, reps=2)
+    index = convert()
+    kernel_s = cuda_seconds(
+        lambda: vs_sparse_attention(
+            q[None], cache.k, cache.v, table, index, scale=SCALE, config=cfg
+        ),
+        reps=reps,
+    )
+    keys = keys_per_row(index)
+    return dict(
+        convert_ms=convert_s * 1e3,
+        kernel_ms=kernel_s * 1e3,
+        keys_per_row=keys,
+        kernel_tflops=4 * D * HQ * length * keys / kernel_s / 1e12,
+    )
+
+
+def per_layer(lengths: list[int], dense_1m: str, rows: list[dict], flush) -> dict[int, float]:
+    cfg = kernel_config()
+    gqa = cudnn_takes_gqa()
+    dense_s: dict[int, float] = {}
+    for length in lengths:
+        log(f"per-layer attention at {length // K}K")
+        q = randn(length, HQ, D, seed=length)
+        k, v = randn(length, HKV, D, seed=length + 1), randn(length, HKV, D, seed=length + 2)
+        cache, table = paged(k, v, seed=length + 3)
+        if length >= 1024 * K and dense_1m == "extrapolate" and 512 * K in dense_s:
+            dense_s[length] = dense_s[512 * K] * (length / (512 * K)) ** 2
+            dense_note = "extrapolated from 512K (x4)"
+        else:
+            fn = dense_fn(q, k, v, gqa)
+            if length >= 1024 * K:  # ~16 s a call: once, no warm-up
+                dense_s[length] = cuda_seconds(fn, reps=1, warmup=0)
+            else:
+                dense_s[length] = cuda_seconds(fn, reps=max(1, reps_for(length) - 1))
+            dense_note = "measured"
+            del fn
+            free()
+        del k, v
+        est_s = time_estimation(q, cache, table, length)
+        log(f"  dense {dense_s[length]:.3f} s ({dense_note}), estimation {est_s * 1e3:.1f} ms")
+        for kind in ("local", "mixed"):
+            try:
+                res = sparse_layer(q, cache, table, length, kind, cfg, reps_for(length))
+            except torch.cuda.OutOfMemoryError as e:
+                rows.append(
+                    dict(section="per-layer", tokens=length, pattern=kind, error=str(e)[:200])
+                )
+                free()
+                continue
+            total_s = est_s + (res["convert_ms"] + res["kernel_ms"]) / 1e3
+            anchor = MINFERENCE.get(length, (None, None))[0 if kind == "local" else 1]
+            speedup = dense_s[length] / total_s
+            row = dict(
+                section="per-layer",
+                tokens=length,
+                pattern=kind,
+                dense_s=dense_s[length],
+                dense=dense_note,
+                estimate_ms=est_s * 1e3,
+                **res,
+                sparse_ms=total_s * 1e3,
+                speedup=speedup,
+                minference_speedup=anchor,
+                vs_minference=speedup / anchor if anchor else None,
+                cudnn_anchor_s=CUDNN_ANCHOR_S.get(length),
+            )
+            rows.append(row)
+            log(
+                f"  {kind}: sparse {total_s * 1e3:.1f} ms (kernel {res['kernel_ms']:.1f}, convert "
+                f"{res['convert_ms']:.1f}), {speedup:.1f}x dense"
+                + (f", {speedup / anchor:.2f}x MInference's" if anchor else "")
+            )
+            flush()
+        if length == max(lengths) and length > DCA_CHUNK - DCA_LOCAL:
+            for kind in ("local", "mixed"):
+                log(f"  {kind} with DCA (7B-1M config)")
+                try:
+                    res = dca_layer(q, cache, table, length, kind, cfg)
+                except torch.cuda.OutOfMemoryError as e:
+                    rows.append(
+                        dict(
+                            section="per-layer",
+                            tokens=length,
+                            pattern=f"{kind} DCA",
+                            error=str(e)[:200],
+                        )
+                    )
+                    free()
+                    continue
+                total_s = (res["estimate_ms"] + res["convert_ms"] + res["kernel_ms"]) / 1e3
+                rows.append(
+                    dict(
+                        section="per-layer",
+                        tokens=length,
+                        pattern=f"{kind} DCA",
+                        dense_s=dense_s[length],
+                        dense=dense_note + " (cuDNN causal, no DCA)",
+                        **res,
+                        sparse_ms=total_s * 1e3,
+                        speedup=dense_s[length] / total_s,
+                    )
+                )
+                log(f"  {kind} DCA: sparse {total_s * 1e3:.1f} ms (kernel {res['kernel_ms']:.1f})")
+                flush()
+        del q, cache, table
+        free()
+    return dense_s
+
+
+def dca_layer(q, cache, table, length: int, kind: str, cfg: SparseKernelConfig) -> dict:
+    """One layer with the 7B-1M DCA config (C=262144, W=8192): per DCA segment, estimation,
+    conversion and kernel over its parts (intra, successive, inter), each part with the full
+    budget. The same random queries stand in for every part's rotation. Second pass timed
+    (the first compiles the three-part kernel)."""
+    from longctx.ops.dca import dca_segments
+
+    dca = SimpleNamespace(
+        chunk_size=DCA_CHUNK, local_size=DCA_LOCAL, chunk_len=DCA_CHUNK - DCA_LOCAL
+    )
+    segs = []
+    for seg in dca_segments(0, length, dca.chunk_len):
+        parts = segment_parts(seg, dca)
+        sels = [
+            fixed_pattern(kind, p, seg.q_start, seg.q_end, seed=seg.q_start + i)
+            for i, p in enumerate(parts)
+        ]
+        segs.append((seg, parts, sels))
+
+    def run() -> dict:
+        watch = Stopwatch()
+        watch.mark()
+        keys, _ = sequence_kv(cache, table, length, with_values=False)
+        laps = dict(estimate=0.0, convert=0.0, kernel=0.0)
+        keys_sum = 0.0
+        for seg, parts, sels in segs:
+            qp = q[None, seg.q_start : seg.q_end].expand(len(parts), -1, -1, -1)
+            estimate_indices(
+                qp[:, -LAST_Q:], keys[: seg.q_end], parts, seg.q_end - LAST_Q,
+                [VERTICAL] * HQ, [SLASH] * HQ, scale=SCALE,
+            )  # fmt: skip
+            watch.mark()
+            index = convert_indices(
+                sels, parts, seg.q_start, seg.q_end - seg.q_start,
+                block_m=cfg.block_m, block_n=cfg.block_n,
+            )  # fmt: skip
+            watch.mark()
+            vs_sparse_attention(qp, cache.k, cache.v, table, index, scale=SCALE, config=cfg)
+            watch.mark()
+            keys_sum += keys_per_row(index) * (seg.q_end - seg.q_start)
+        lap = watch.laps()
+        for i in range(len(segs)):
+            laps["estimate"] += lap[3 * i]
+            laps["convert"] += lap[3 * i + 1]
+            laps["kernel"] += lap[3 * i + 2]
+        return laps | {"keys_per_row": keys_sum / length}
+
+    run()
+    laps = run()
+    return dict(
+        estimate_ms=laps["estimate"] * 1e3,
+        convert_ms=laps["convert"] * 1e3,
+        kernel_ms=laps["kernel"] * 1e3,
+        keys_per_row=laps["keys_per_row"],
+        kernel_tflops=4 * D * HQ * length * laps["keys_per_row"] / laps["kernel"] / 1e12,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. kernel configs
+# ------------------------------------------------------------------------------------------------
+
+TUNE_CONFIGS = [
+    SparseKernelConfig(64, 64, 4, 2),
+    SparseKernelConfig(64, 64, 4, 3),
+    SparseKernelConfig(64, 64, 8, 2),
+    SparseKernelConfig(128, 64, 8, 2),
+    SparseKernelConfig(64, 32, 4, 3),
+]
+
+
+def tune(length: int, rows: list[dict], flush) -> None:
+    log(f"kernel configs at {length // K}K")
+    q = randn(length, HQ, D, seed=5)
+    cache, table = paged(randn(length, HKV, D, seed=6), randn(length, HKV, D, seed=7), seed=8)
+    for cfg in TUNE_CONFIGS:
+        for kind in ("local", "mixed"):
+            try:
+                res = sparse_layer(q, cache, table, length, kind, cfg, reps=3)
+            except Exception as e:  # a config that cannot launch is a result too
+                res = dict(error=f"{type(e).__name__}: {e}"[:200])
+            rows.append(
+                dict(section="configs", tokens=length, pattern=kind, config=str(cfg), **res)
+            )
+            log(f"  {cfg} {kind}: {res.get('kernel_ms', res.get('error'))}")
+            flush()
+    del q, cache, table
+    free()
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. TTFT estimate and the chunk length
+# ------------------------------------------------------------------------------------------------
+
+
+def linear_seconds(tokens: int) -> float:
+    """QKV (with bias), O and SwiGLU MLP of one 7B layer on `tokens` tokens."""
+    hidden, inter = HIDDEN, INTER
+    w = lambda o, i, s: randn(o, i, seed=s) * 0.02
+    qkv, qkv_b = w(hidden + 2 * HKV * D, hidden, 1), randn(hidden + 2 * HKV * D, seed=2)
+    o, gate_up, down = w(hidden, hidden, 3), w(2 * inter, hidden, 4), w(hidden, inter, 5)
+    x = randn(tokens, hidden, seed=6)
+
+    def run():
+        a = F.linear(x, qkv, qkv_b)
+        y = F.linear(a[:, :hidden], o)
+        gu = F.linear(y, gate_up)
+        return F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], down)
+
+    return cuda_seconds(run, reps=5)
+
+
+def chunked_layer(length: int, chunk: int, kind: str, cfg: SparseKernelConfig) -> dict:
+    """One layer's attention over a chunked prefill of `length` tokens: per chunk, estimation
+    (last 64 queries vs every cached key) + conversion + kernel. Patterns drawn up front."""
+    q = randn(length, HQ, D, seed=11)
+    cache, table = paged(randn(length, HKV, D, seed=12), randn(length, HKV, D, seed=13), seed=14)
+    spans = [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
+    parts = [SparsePart(0, e, causal=True) for _, e in spans]
+    sels = [fixed_pattern(kind, p, s, e, seed=e) for p, (s, e) in zip(parts, spans)]
+    timing = dict(estimate=0.0, convert=0.0, kernel=0.0)
+
+    def step(i: int) -> None:
+        (s, e), part = spans[i], parts[i]
+        watch = Stopwatch()
+        watch.mark()
+        keys, _ = sequence_kv(cache, table, e, with_values=False)
+        estimate_indices(
+            q[None, e - LAST_Q : e], keys, [part], e - LAST_Q, [VERTICAL] * HQ, [SLASH] * HQ,
+            scale=SCALE,
+        )  # fmt: skip
+        watch.mark()
+        index = convert_indices(
+            [sels[i]], [part], s, e - s, block_m=cfg.block_m, block_n=cfg.block_n
+        )
+        watch.mark()
+        vs_sparse_attention(q[None, s:e], cache.k, cache.v, table, index, scale=SCALE, config=cfg)
+        watch.mark()
+        for name, lap in zip(timing, watch.laps()):
+            timing[name] += lap
+
+    for i in range(len(spans)):
+        step(i)
+    return {f"{k}_s": v for k, v in timing.items()} | {"attention_s": sum(timing.values())}
+
+
+def ttft(length: int, chunks: list[int], one_shot: dict[str, float], rows, flush) -> None:
+    """one_shot: pattern -> per-layer attention seconds of a one-shot prefill (section 2)."""
+    cfg = kernel_config()
+    lin32 = linear_seconds(32 * K)
+    linear_total = lin32 * (length / (32 * K)) * LAYERS
+    log(f"linear layers: {lin32 * 1e3:.1f} ms per 32K chunk per layer -> {linear_total:.1f} s")
+    for pattern, attention_s in one_shot.items():
+        est = LAYERS * attention_s + linear_total
+        rows.append(
+            dict(
+                section="ttft",
+                tokens=length,
+                pattern=pattern,
+                chunk="whole prompt",
+                attention_per_layer_s=attention_s,
+                linear_s=linear_total,
+                ttft_estimate_s=est,
+                target_s=45.0,
+            )
+        )
+        log(f"TTFT estimate ({pattern}, one-shot attention) {est:.1f} s")
+        flush()
+    for chunk in chunks:
+        log(f"chunked prefill, chunk {chunk // K}K")
+        try:
+            res = chunked_layer(length, chunk, "mixed", cfg)
+        except torch.cuda.OutOfMemoryError as e:
+            rows.append(dict(section="ttft", tokens=length, chunk=chunk, error=str(e)[:200]))
+            free()
+            continue
+        est = LAYERS * res["attention_s"] + linear_total
+        rows.append(
+            dict(
+                section="ttft",
+                tokens=length,
+                pattern="mixed",
+                chunk=chunk,
+                attention_per_layer_s=res["attention_s"],
+                **res,
+                linear_s=linear_total,
+                ttft_estimate_s=est,
+                target_s=45.0,
+            )
+        )
+        log(f"  attention {res['attention_s']:.3f} s per layer -> TTFT estimate {est:.1f} s")
+        flush()
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+SECTIONS = [
+    ("per-layer", "sparse_gpu", "Per-layer attention, one prefill of the whole length."),
+    ("configs", "sparse_gpu_configs", "Kernel configs (block_m, block_n, warps, stages)."),
+    (
+        "ttft",
+        "sparse_gpu_ttft",
+        "TTFT estimate = 28 x attention per layer + linear layers (measured on 32K tokens, "
+        "scaled to the length); chunk = prefill chunk length (max_num_batched_tokens), "
+        "attention per layer summed over the chunks (estimation per chunk against every "
+        "cached key).",
+    ),
+]
+
+
+def shrink_for_dry_run() -> None:
+    global DEVICE, HQ, HKV, D, LAYERS, HIDDEN, INTER, PAGE, VERTICAL, SLASH, LAST_Q, K, SCALE
+    global TUNE_CONFIGS, CHECK_TOKENS, DCA_CHUNK, DCA_LOCAL
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--dry-run needs TRITON_INTERPRET=1 (set before the kernels load)")
+    DEVICE, HQ, HKV, D, LAYERS, HIDDEN, INTER = "cpu", 4, 2, 32, 2, 64, 128
+    PAGE, VERTICAL, SLASH, LAST_Q, K, SCALE = 16, 40, 100, 16, 4, 32**-0.5
+    CHECK_TOKENS = 256
+    DCA_CHUNK, DCA_LOCAL = 256, 64
+    TUNE_CONFIGS = [SparseKernelConfig(32, 32, 4, 1), SparseKernelConfig(64, 32, 4, 1)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None)
+    p.add_argument("--quick", action="store_true", help="128K only, short chunk sweep")
+    p.add_argument("--dense-1m", choices=["measure", "extrapolate"], default="measure")
+    p.add_argument("--skip-configs", action="store_true")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny shapes on the CPU under TRITON_INTERPRET=1: checks the script, times nothing",
+    )
+    args = p.parse_args()
+    if args.dry_run:
+        shrink_for_dry_run()
+        args.quick = True
+    elif not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    start = time.time()
+    env = environment()
+    out = out_dir(args.out)
+    rows: list[dict] = []
+    notes = (
+        "7B-1M head layout (28 q / 4 kv, d=128, bf16), paged cache (64-token pages, shuffled). "
+        "Fixed patterns at 1000 vertical / 6096 slash per head: local = 30 sinks + 970 random "
+        "columns, the 6096 nearest diagonals; mixed = same columns, 90% nearest diagonals + 10% "
+        "spread uniformly. sparse_ms = estimation (last 64 queries, random data, incl. key "
+        "gather) + conversion + kernel. Dense = cuDNN SDPA causal. MInference anchors from "
+        "DESIGN.md section 5. kernel_tflops counts the whole tiles the kernel computes."
+    )
+
+    def flush() -> None:
+        wall = env | {"wall_s": round(time.time() - start)}
+        for section, name, note in SECTIONS:
+            part = [{k: v for k, v in r.items() if k != "section"} for r in rows]
+            part = [r for r, full in zip(part, rows) if full.get("section") == section]
+            if part:
+                write_results(out, name, wall, part, notes + " " + note)
+
+    checks = run_checks()
+    write_results(out, "sparse_gpu_checks", env, checks, "All checks passed.")
+    lengths = [128 * K] if args.quick else [128 * K, 256 * K, 512 * K, 1024 * K]
+    per_layer(lengths, args.dense_1m, rows, flush)
+    if (args.dry_run or not args.quick) and not args.skip_configs:
+        tune(256 * K, rows, flush)
+    length = max(lengths)
+    one_shot = {
+        r["pattern"]: r["sparse_ms"] / 1e3
+        for r in rows
+        if r.get("section") == "per-layer"
+        and r["tokens"] == length
+        and r["pattern"].startswith("mixed")
+        and "sparse_ms" in r
+    }
+    chunks = [16 * K, 32 * K] if args.quick else [32 * K, 64 * K, 128 * K, 256 * K]
+    ttft(length, chunks, one_shot, rows, flush)
+    flush()
+    log(f"done in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
