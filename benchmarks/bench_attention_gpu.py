@@ -1,17 +1,19 @@
 """Triton attention kernels on one GPU (issue: "Triton attention kernels at the hardware limit").
 
-  PYTHONPATH=. python benchmarks/bench_attention_gpu.py --out $OUT            # full (~5-8 min)
+  PYTHONPATH=. python benchmarks/bench_attention_gpu.py --out $OUT            # full (~2-3 min)
   PYTHONPATH=. python benchmarks/bench_attention_gpu.py --check-only          # correctness only
   PYTHONPATH=. python benchmarks/bench_attention_gpu.py --quick --out $OUT    # short smoke run
   PYTHONPATH=. python benchmarks/bench_attention_gpu.py --tune --out $OUT     # config sweep
+  ... --tune --baseline DIR   # also time an earlier version (DIR/fp_orig.py, DIR/pd_orig.py)
 
 1. Correctness first, failing loudly (exit 1): our prefill (paged, chunked, contiguous, DCA +
    YaRN) and decode (dense, DCA, CUDA-graph replay) against float64 references and SDPA, at
    the Qwen2.5-7B head layout (28 q / 4 kv heads, d=128, bf16).
 2. Prefill at 32K and 128K tokens, keys read from a paged cache through a shuffled block
-   table (what the engine runs): ours dense causal, ours DCA (C=262144/W=8192: no DCA effect
-   below 254K, and C=32768/W=8192: all three parts), beside cuDNN SDPA, FlashAttention-2
-   SDPA and compiled FlexAttention. TFLOP/s with causal flops 2*2*L*L*D*Hq/2 (DCA attends
+   table (what the engine runs) with 128- and 64-token blocks (--page-size), and from
+   contiguous keys: ours dense causal, ours DCA (C=262144/W=8192: no DCA effect below 254K,
+   and C=32768/W=8192: all three parts), beside cuDNN SDPA, FlashAttention-2 SDPA and
+   compiled FlexAttention. TFLOP/s with causal flops 2*2*L*L*D*Hq/2 (DCA attends
    to the same causal pairs).
 3. Decode at 32K..1M context (batch 1) and 128K (batch 8), one layer of KV, timed as CUDA-graph
    replays, against the copy floor: KV bytes / device-to-device copy bandwidth (read+write)
@@ -60,6 +62,8 @@ class DCA:
 
 DCA_1M = DCA(262144, 8192)  # the Qwen2.5-1M config: no DCA effect below 253952 tokens
 DCA_SMALL = DCA(32768, 8192)  # all three parts at 32K and 128K
+TMA_64 = KernelConfig(128, 64, 8, 3, tma=True)  # tensor-descriptor tiles, 64-token pages
+TMA_128 = KernelConfig(128, 128, 8, 2, tma=True)  # 128-key tiles, 128-token pages
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,6 +200,15 @@ def check_prefill(ch: Checks, gen: torch.Generator) -> None:
         *flash_prefill(q[-lq:], kc16, vc16, block_table=table16, q_pos0=lk - lq, scale=SCALE),
         *ref,
     )
+    for cfg, pg in ((TMA_64, 64), (TMA_128, 128)):  # tensor-descriptor K/V tiles
+        kct, vct, tablet = paged(k, v, pg, gen)
+        ch.compare(
+            f"prefill chunk TMA {cfg} paged({pg}) vs SDPA",
+            *flash_prefill(
+                q[-lq:], kct, vct, block_table=tablet, q_pos0=lk - lq, scale=SCALE, config=cfg
+            ),
+            *ref,
+        )
     n = 2048
     ref64 = reference(q[n - 512 : n], k[:n], v[:n], torch.arange(n - 512, n, device="cuda"))
     ch.compare(
@@ -216,6 +229,14 @@ def check_dca_prefill(ch: Checks, gen: torch.Generator) -> None:
     ch.compare(
         "DCA prefill chunk (c=512, YaRN) vs float64 reference",
         *flash_prefill(q[n - lq :], kc, vc, block_table=table, q_pos0=n - lq, dca=dca, **kw),
+        *ref,
+    )
+    kct, vct, tablet = paged(k_dca, v, 128, gen)
+    ch.compare(
+        f"DCA prefill chunk TMA {TMA_128} paged(128) vs float64 reference",
+        *flash_prefill(
+            q[n - lq :], kct, vct, block_table=tablet, q_pos0=n - lq, dca=dca, config=TMA_128, **kw
+        ),
         *ref,
     )
     k_rot = rope(k_raw, pos).to(DTYPE)
@@ -328,12 +349,12 @@ def run_checks() -> Checks:
 # ------------------------------------------------------------------------------------------------
 
 
-def bench_ms(fn: Callable[[], object], expected_ms: float = 1.0) -> float:
+def bench_ms(fn: Callable[[], object], expected_ms: float = 1.0, rep: float = 100.0) -> float:
     import triton
 
     fn()  # compile / warm up
     torch.cuda.synchronize()
-    rep = max(100.0, 4 * expected_ms)
+    rep = max(rep, 4 * expected_ms)
     return triton.testing.do_bench(fn, warmup=max(25.0, expected_ms), rep=rep, return_mode="median")
 
 
@@ -376,38 +397,41 @@ def flex_fn(q, k, v) -> tuple[Callable[[], object], str]:
     return partial(flex, qh, kh, vh, block_mask=mask, enable_gqa=True), "gqa, causal block mask"
 
 
-def bench_prefill(lengths: list[int], page: int, with_flex: bool, quick: bool) -> list[dict]:
+def bench_prefill(lengths: list[int], pages: list[int], with_flex: bool, quick: bool) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(1)
     for length in lengths:
-        rows += prefill_at(length, page, with_flex, quick, gen)
+        rows += prefill_at(length, pages, with_flex, quick, gen)
         torch.cuda.empty_cache()
     return rows
 
 
 def prefill_at(
-    length: int, page: int, with_flex: bool, quick: bool, gen: torch.Generator
+    length: int, pages: list[int], with_flex: bool, quick: bool, gen: torch.Generator
 ) -> list[dict]:
+    """Ours (dense, DCA) for each KV block size (each with its default tile config) and
+    contiguous keys, beside the SDPA / Flex baselines, on the same inputs."""
     from torch.nn.attention import SDPBackend
 
     print(f"== prefill {length // 1024}K", flush=True)
     q, k, v = (randn(length, h, D, gen=gen) for h in (HQ, HKV, HKV))
-    kc, vc, table = paged(k, v, page, gen)
     expect = causal_tflops(length, 1.0) / 400  # ms at 400 TFLOP/s
-    pkw = dict(block_table=table, scale=SCALE)
     dkw = dict(rope_theta=THETA, yarn_original_max=ORIGINAL_MAX)
-    ours = [
-        (f"ours dense paged({page})", partial(flash_prefill, q, kc, vc, **pkw)),
-        ("ours dense contiguous", partial(flash_prefill, q, k, v, scale=SCALE)),
-        (
-            f"ours DCA C=262144 W=8192 paged({page})",
-            partial(flash_prefill, q, kc, vc, dca=DCA_1M, **pkw, **dkw),
-        ),
-        (
-            f"ours DCA C=32768 W=8192 paged({page})",
-            partial(flash_prefill, q, kc, vc, dca=DCA_SMALL, **pkw, **dkw),
-        ),
-    ]
+    ours = [("ours dense contiguous", partial(flash_prefill, q, k, v, scale=SCALE))]
+    for page in pages:
+        kc, vc, table = paged(k, v, page, gen)
+        pkw = dict(block_table=table, scale=SCALE)
+        ours += [
+            (f"ours dense paged({page})", partial(flash_prefill, q, kc, vc, **pkw)),
+            (
+                f"ours DCA C=262144 W=8192 paged({page})",
+                partial(flash_prefill, q, kc, vc, dca=DCA_1M, **pkw, **dkw),
+            ),
+            (
+                f"ours DCA C=32768 W=8192 paged({page})",
+                partial(flash_prefill, q, kc, vc, dca=DCA_SMALL, **pkw, **dkw),
+            ),
+        ]
     rows = [
         prefill_row(name, length, fn, expect)
         for name, fn in ours
@@ -425,9 +449,11 @@ def prefill_at(
     return rows
 
 
-def prefill_row(name: str, length: int, fn, expect: float, note: str = "") -> dict:
+def prefill_row(
+    name: str, length: int, fn, expect: float, note: str = "", rep: float = 100.0
+) -> dict:
     try:
-        ms = bench_ms(fn, expect)
+        ms = bench_ms(fn, expect, rep)
         row = dict(
             kind="prefill",
             name=name,
@@ -520,19 +546,27 @@ def bench_decode(
 def decode_row(
     name: str, batch: int, ctx: int, setup: DecodeSetup, gen: torch.Generator, bw: float, kw: dict
 ) -> dict:
-    import triton
-
     page = setup.kc.shape[1]
     n = ctx // page
     table = setup.perm[: batch * n].view(batch, n).contiguous()
     lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int64)
     q = randn(batch, HQ, D, gen=gen)
     fn = partial(paged_decode, q, setup.kc, setup.vc, table, lens, **kw)
-    fn()
-    torch.cuda.synchronize()
-    ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-    eager = triton.testing.do_bench(fn, return_mode="median")
-    kv_bytes = batch * ctx * HKV * D * 2 * setup.kc.element_size()
+    return decode_timing(name, batch, ctx, fn, bw)
+
+
+def decode_timing(name: str, batch: int, ctx: int, fn, bw: float) -> dict:
+    import triton
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+        eager = triton.testing.do_bench(fn, return_mode="median")
+    except Exception as e:  # one failing candidate must not hide the others
+        print(f"  {name} B={batch} ctx={ctx // 1024}K: error {e}"[:300], flush=True)
+        return dict(kind="decode", name=name, batch=batch, tokens=ctx, note=f"error: {e}"[:200])
+    kv_bytes = batch * ctx * HKV * D * 2 * 2  # bf16 K and V
     floor_ms = kv_bytes / bw * 1e3
     print(
         f"  {name} B={batch} ctx={ctx // 1024}K: graph {ms * 1e3:.1f} us "
@@ -554,49 +588,234 @@ def decode_row(
 
 
 # ------------------------------------------------------------------------------------------------
-# tuning sweep (optional)
+# tuning sweep (--tune): candidate configs beside the shipped ones, and with --baseline DIR the
+# kernels of an earlier version (DIR/fp_orig.py, DIR/pd_orig.py), all on this card in one run
 # ------------------------------------------------------------------------------------------------
 
 
-PREFILL_SWEEP = [
-    KernelConfig(128, 64, 8, 3),
-    KernelConfig(128, 64, 8, 4),
-    KernelConfig(128, 128, 8, 2),
-    KernelConfig(128, 128, 8, 3),
-    KernelConfig(64, 64, 4, 3),
-    KernelConfig(128, 64, 4, 3),
-]
-DECODE_SWEEP = [
-    DecodeConfig(64, 4, 3),
-    DecodeConfig(64, 4, 4),
-    DecodeConfig(128, 4, 3),
-    DecodeConfig(64, 8, 3),
-    DecodeConfig(32, 4, 4),
-]
+@dataclass(frozen=True)
+class Candidate:
+    """One kernel variant to time. mode: prefill dense | rope | dca1m | dca32k; decode
+    dense | dca. config: a (new or baseline) KernelConfig / DecodeConfig; None = default."""
+
+    kind: str
+    name: str
+    mode: str = "dense"
+    config: object = None
+    page: int = 64
+    old: bool = False
 
 
-def tune(page: int, bw: float) -> list[dict]:
-    rows = tune_prefill(page)
+TUNE_PREFILL_LEN = 32768
+TUNE_DECODE_CASES = [(1, 32768), (1, 131072), (1, 1048576), (8, 131072)]
+
+
+def prefill_candidates() -> list[Candidate]:
+    """The shipped configs for 64- and 128-token pages, per mode, and close alternatives
+    (call 1 of attention_tuning_notes.md ruled out BLOCK_M 64 and pointer-loaded 128-key tiles)."""
+    kc = KernelConfig
+    tma64, tma128 = kc(128, 64, 8, 3, tma=True), kc(128, 128, 8, 3, tma=True)
+    runs = [
+        ("dense", tma64, 64),
+        ("dense", tma128, 128),
+        ("rope", tma64, 64),
+        ("rope", tma128, 128),
+        ("dca1m", tma64, 64),
+        ("dca1m", tma128, 128),
+        ("dca1m", kc(128, 128, 8, 2, tma=True), 128),
+        ("dca32k", tma64, 64),
+        ("dca32k", tma128, 128),
+    ]
+    return [Candidate("prefill", f"{m} {c} paged({pg})", m, c, pg) for m, c, pg in runs]
+
+
+def decode_candidates() -> list[Candidate]:
+    dc = DecodeConfig
+    configs = [dc(64, 4, 3, 2), dc(64, 4, 3, 1), dc(64, 4, 4, 2), dc(32, 2, 4, 2)]
+    return [Candidate("decode", f"decode {c}", "both", c) for c in configs]
+
+
+def baseline_candidates() -> list[Candidate]:
+    return [
+        Candidate("prefill", "OLD dense default paged(64)", "dense", None, 64, old=True),
+        Candidate("prefill", "OLD DCA C=262144 default paged(64)", "dca1m", None, 64, old=True),
+        Candidate("decode", "OLD decode default", "both", None, 64, old=True),
+    ]
+
+
+def _ops(old: bool, baseline: str | None):
+    """(flash_prefill, paged_decode) of this tree or of the --baseline directory."""
+    if not old:
+        return flash_prefill, paged_decode
+    import importlib
+
+    sys.path.insert(0, baseline)
+    fp_orig, pd_orig = importlib.import_module("fp_orig"), importlib.import_module("pd_orig")
+    return fp_orig.flash_prefill, pd_orig.paged_decode
+
+
+def _mode_kwargs(mode: str) -> dict:
+    dca = {"dca1m": DCA_1M, "dca32k": DCA_SMALL}.get(mode)
+    if mode == "dense":
+        return {}
+    kw = dict(rope_theta=THETA)
+    if dca is not None:
+        kw.update(dca=dca, yarn_original_max=ORIGINAL_MAX)
+    return kw
+
+
+def prefill_inputs(page: int):
+    """(q, k, v, k_cache, v_cache, block_table) at TUNE_PREFILL_LEN, the same for every call."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (randn(TUNE_PREFILL_LEN, h, D, gen=gen) for h in (HQ, HKV, HKV))
+    kc, vc, table = paged(k, v, page, gen)
+    return q, k, v, kc, vc, table
+
+
+def prefill_call(c: Candidate, inputs, baseline: str | None):
+    fp_fn = _ops(c.old, baseline)[0]
+    q, _, _, kc, vc, table = inputs
+    kw = dict(block_table=table, scale=SCALE, **_mode_kwargs(c.mode))
+    if c.config is not None:
+        kw["config"] = c.config
+    return partial(fp_fn, q, kc, vc, **kw)
+
+
+def decode_calls(c: Candidate, setup: DecodeSetup, baseline: str | None):
+    """[(label, batch, ctx, fn)] of a decode candidate over TUNE_DECODE_CASES x modes."""
+    pd_fn = _ops(c.old, baseline)[1]
+    gen = torch.Generator().manual_seed(4)
+    calls = []
+    for batch, ctx in TUNE_DECODE_CASES:
+        n = ctx // setup.kc.shape[1]
+        table = setup.perm[: batch * n].view(batch, n).contiguous()
+        lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int64)
+        q = randn(batch, HQ, D, gen=gen)
+        for mode in ("dense", "dca1m"):
+            kw = dict(scale=SCALE, **_mode_kwargs(mode))
+            if c.config is not None:
+                kw["config"] = c.config
+            label = f"{c.name} {'DCA' if mode != 'dense' else 'dense'}"
+            calls.append(
+                (label, batch, ctx, partial(pd_fn, q, setup.kc, setup.vc, table, lens, **kw))
+            )
+    return calls
+
+
+def _warm(job: tuple[Candidate, str | None]) -> str:
+    """Worker: compile a candidate by running it once (fills Triton's disk cache)."""
+    c, baseline = job
+    try:
+        if c.kind == "prefill":
+            prefill_call(c, prefill_inputs(c.page), baseline)()
+        else:
+            setup = DecodeSetup.make(
+                max(b * n for b, n in TUNE_DECODE_CASES), c.page, torch.Generator()
+            )
+            for *_, fn in decode_calls(c, setup, baseline):
+                fn()
+        torch.cuda.synchronize()
+        return ""
+    except Exception as e:  # reported, and the candidate is skipped
+        return f"{c.name}: {type(e).__name__}: {e}"[:400]
+
+
+def warm_all(cands: list[Candidate], baseline: str | None):
+    """Compile every candidate in parallel processes (one GPU, many CPU cores); returns the
+    pool's AsyncResult so that the caller can run the correctness checks meanwhile."""
+    import multiprocessing as mp
+    import os
+
+    pool = mp.get_context("spawn").Pool(min(len(cands), max(1, (os.cpu_count() or 2) - 1)))
+    return pool, pool.map_async(_warm, [(c, baseline) for c in cands], chunksize=1)
+
+
+def tune(args, bw: float, cands: list[Candidate]) -> list[dict]:
+    rows = []
+    by_page: dict[int, tuple] = {}
+    reference: dict[str, torch.Tensor] = {}
+    for c in [c for c in cands if c.kind == "prefill"]:
+        if c.page not in by_page:
+            by_page = {c.page: prefill_inputs(c.page)}  # one set of inputs at a time
+            torch.cuda.empty_cache()
+        fn = prefill_call(c, by_page[c.page], args.baseline)
+        out = fn()[0]
+        ref = reference.setdefault(c.mode, out)
+        err = (out.float() - ref.float()).abs().max().item()
+        note = f"max |out - first {c.mode} candidate| {err:.2e}" + (
+            " MISMATCH" if err > 2e-2 else ""
+        )
+        rows.append(prefill_row(f"tune {c.name}", TUNE_PREFILL_LEN, fn, 20.0, note, rep=300.0))
+    from torch.nn.attention import SDPBackend
+
+    q, k, v = by_page[next(iter(by_page))][:3]
+    make = partial(sdpa_fn, SDPBackend.CUDNN_ATTENTION, q, k, v)
+    rows.append(baseline_row("cuDNN SDPA", TUNE_PREFILL_LEN, make, 20.0))
+    del by_page, reference, q, k, v
     torch.cuda.empty_cache()
-    for cfg in DECODE_SWEEP:
-        for part in (None, 512, 2048):
-            if part is not None and part % cfg.block_n:
-                continue
-            label = f"tune decode {cfg} partition={part or 'auto'}"
-            rows += bench_decode([(1, 131072), (1, 1048576)], page, bw, cfg, False, part, label)
+    setup = DecodeSetup.make(
+        max(b * n for b, n in TUNE_DECODE_CASES), 64, torch.Generator().manual_seed(2)
+    )
+    first: dict[tuple, torch.Tensor] = {}
+    for c in [c for c in cands if c.kind == "decode"]:
+        for label, batch, ctx, fn in decode_calls(c, setup, args.baseline):
+            out = fn()[0]
+            ref = first.setdefault((label.split()[-1], batch, ctx), out)
+            err = (out.float() - ref.float()).abs().max().item()
+            row = decode_timing(label, batch, ctx, fn, bw)
+            row["note"] = f"max |out - first| {err:.2e}" + (" MISMATCH" if err > 2e-2 else "")
+            rows.append(row)
+    rows += host_overhead(args.baseline)
+    summary(rows)
     return rows
 
 
-def tune_prefill(page: int) -> list[dict]:
-    gen = torch.Generator().manual_seed(3)
-    length = 32768
-    q, k, v = (randn(length, h, D, gen=gen) for h in (HQ, HKV, HKV))
+def summary(rows: list[dict]) -> None:
+    """The short table printed last (the device tool returns the end of the output)."""
+    print("== summary", flush=True)
+    for r in rows:
+        if r["kind"] == "prefill":
+            name, tflops = r["name"].removeprefix("tune "), r.get("tflops", float("nan"))
+            print(f"P {tflops:6.0f} TF/s  {name:60s} {r.get('note', '')[:40]}")
+        elif r["kind"] == "decode":
+            us = r.get("ms", float("nan")) * 1e3
+            ratio = r.get("vs_floor", float("nan"))
+            note = r.get("note", "")[-8:] if "MISMATCH" in r.get("note", "") else ""
+            print(f"D {ratio:5.2f}x {us:7.1f}us  {r['name']} {r['tokens'] // 1024}K {note}")
+        elif r["kind"] == "host":
+            print(f"H {r['us_per_call']:6.1f} us  {r['name']}")
+
+
+def host_overhead(baseline: str | None) -> list[dict]:
+    """Host cost of one eager wrapper call at a tiny size (GPU time ~10 us): calls issued
+    back to back without syncs, wall time per call (the host is the bottleneck there)."""
+    import time as _time
+
+    gen = torch.Generator().manual_seed(5)
+    setup = DecodeSetup.make(4096, 64, gen)
+    table = setup.perm[:16].view(1, 16).contiguous()
+    lens = torch.full((1,), 1000, device="cuda", dtype=torch.int64)
+    q = randn(1, HQ, D, gen=gen)
     rows = []
-    for pg in sorted({page, 128}):
-        kc, vc, table = paged(k, v, pg, gen)
-        for cfg in PREFILL_SWEEP:
-            fn = partial(flash_prefill, q, kc, vc, block_table=table, scale=SCALE, config=cfg)
-            rows.append(prefill_row(f"tune prefill paged({pg}) {cfg}", length, fn, 20.0))
+    for old in (False, True) if baseline else (False,):
+        pd_fn = _ops(old, baseline)[1]
+        for mode in ("dense", "dca1m"):
+            fn = partial(
+                pd_fn, q, setup.kc, setup.vc, table, lens, scale=SCALE, **_mode_kwargs(mode)
+            )
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            n = 300
+            t0 = _time.perf_counter()
+            for _ in range(n):
+                fn()
+            t1 = _time.perf_counter()
+            torch.cuda.synchronize()
+            name = f"{'OLD ' if old else ''}paged_decode eager host us/call B=1 ctx=1000 {mode}"
+            us = (t1 - t0) / n * 1e6
+            print(f"  {name}: {us:.1f} us", flush=True)
+            rows.append(dict(kind="host", name=name, us_per_call=us))
     return rows
 
 
@@ -613,8 +832,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short smoke run")
     ap.add_argument("--check-only", action="store_true", help="correctness checks only")
     ap.add_argument("--tune", action="store_true", help="sweep kernel configs instead of baselines")
-    ap.add_argument("--page-size", type=int, default=64, help="KV block size (tokens)")
+    ap.add_argument(
+        "--page-size",
+        type=int,
+        nargs="+",
+        default=[128, 64],
+        help="KV block sizes (tokens) to time prefill at; decode uses the first",
+    )
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (compile time)")
+    ap.add_argument(
+        "--baseline",
+        default=None,
+        help="with --tune: directory holding an earlier version's fp_orig.py / pd_orig.py",
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -626,26 +856,39 @@ def main() -> None:
     )
     started = time.time()
     directory = out_dir(args.out)
+    cands = []
+    if args.tune:  # compile the candidates in other processes while the checks run
+        cands = prefill_candidates() + decode_candidates()
+        cands += baseline_candidates() if args.baseline else []
+        pool, warming = warm_all(cands, args.baseline)
     checks = run_checks()
     verdict = "CORRECTNESS FAILED: " + ", ".join(checks.failed) if checks.failed else "all passed"
     write_results(directory, "attention_gpu_checks", env, checks.rows, verdict)
-    if checks.failed:
+    if checks.failed and not args.tune:  # a sweep goes on: each candidate is checked itself
         sys.exit(verdict)
     if args.check_only:
         return
-    rows = timings(args)
+    if args.tune:
+        errors = warming.get()
+        pool.close()
+        pool.join()
+        for e in filter(None, errors):
+            print(f"  compile failed, skipped: {e}", flush=True)
+        cands = [c for c, e in zip(cands, errors) if not e]
+        print(f"== candidates compiled ({time.time() - started:.0f} s)", flush=True)
+    rows = timings(args, cands)
     env["wall_s"] = round(time.time() - started, 1)
     write_results(
         directory, "attention_gpu_tune" if args.tune else "attention_gpu", env, rows, notes(args)
     )
 
 
-def timings(args) -> list[dict]:
+def timings(args, cands: list[Candidate]) -> list[dict]:
     bw = copy_bandwidth()
     print(f"== device copy bandwidth (read+write): {bw / 1e12:.2f} TB/s", flush=True)
     rows = [dict(kind="copy", name="device-to-device copy", tb_s=bw / 1e12)]
     if args.tune:
-        return rows + tune(args.page_size, bw)
+        return rows + tune(args, bw, cands)
     lengths = [32768] if args.quick else [32768, 131072]
     rows += bench_prefill(lengths, args.page_size, not (args.quick or args.no_flex), args.quick)
     print("== decode (one layer, CUDA-graph replay)", flush=True)
@@ -654,13 +897,15 @@ def timings(args) -> list[dict]:
         if args.quick
         else [(1, 32768), (1, 131072), (1, 524288), (1, 1048576), (8, 131072)]
     )
-    return rows + bench_decode(cases, args.page_size, bw)
+    return rows + bench_decode(cases, args.page_size[0], bw)
 
 
 def notes(args) -> str:
     return (
         f"Qwen2.5-7B attention layout: {HQ} q / {HKV} kv heads, d={D}, {DTYPE}; "
-        f"paged KV block size {args.page_size}; prefill TFLOP/s = 2*2*L*L*D*Hq/2 / time; "
+        f"paged KV block sizes {args.page_size} (prefill; decode at {args.page_size[0]}), each "
+        "with its default tile config (128-key TMA tiles where a block holds whole tiles); "
+        "prefill TFLOP/s = 2*2*L*L*D*Hq/2 / time; "
         f"decode floor = KV bytes / copy bandwidth (read+write), vs_floor = floor / time; "
         f"DCA C=262144 has no DCA effect below 253952 tokens; C=32768 runs all three parts. "
         "Median of triton.testing.do_bench (decode: do_bench_cudagraph). "

@@ -1,10 +1,11 @@
 """Compile every shipped Triton kernel config for sm_90 without a GPU; check it fits an H100.
 
 The interpreter accepts tiles a GPU cannot launch, so this compiles the real configs
-(PREFILL_CONFIGS, DECODE_CONFIGS) with triton's bundled ptxas for GPUTarget("cuda", 90, 32)
-and asserts their shared memory fits 232448 bytes. TRITON_INTERPRET must be unset while
-the kernels are defined, so the compiles run in a subprocess (this file run as a script),
-with the divisibility specialization a real launch would get for 16-aligned arguments.
+(prefill_config by page size, DECODE_CONFIGS) with triton's bundled ptxas for
+GPUTarget("cuda", 90, 32) and asserts their shared memory fits 232448 bytes.
+TRITON_INTERPRET must be unset while the kernels are defined, so the compiles run in a
+subprocess (this file run as a script), with the divisibility specialization a real launch
+would get for 16-aligned arguments.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ _DECODE_INTS = dict(
     chunk_len=253952,
     chunk_size=262144,
     partition_size=1024,
+    max_keys=131072,
     stride_qb=3584,
     stride_qh=128,
     stride_kb=32768,
@@ -87,6 +89,10 @@ def _cases() -> dict[str, dict]:
     cases["prefill-d128-bf16-contiguous"] = dict(
         kernel="prefill", d=128, dtype="bf16", paged=False, page=64, dca=False
     )
+    for dca in (False, True):  # 128-token pages: 128-key tiles (LARGE_PAGE_PREFILL_CONFIGS)
+        cases[f"prefill-d128-bf16-page128-{'dca' if dca else 'dense'}"] = dict(
+            kernel="prefill", d=128, dtype="bf16", paged=True, page=128, dca=dca
+        )
     cases["prefill-d128-bf16-page16"] = dict(
         kernel="prefill", d=128, dtype="bf16", paged=True, page=16, dca=False
     )
@@ -96,6 +102,11 @@ def _cases() -> dict[str, dict]:
                 kernel="decode", d=d, dtype="bf16", page=64, dca=dca
             )
         cases[f"reduce-d{d}"] = dict(kernel="reduce", d=d, dtype="bf16")
+    for d in (16, 32, 256):  # untuned fallbacks: must still fit
+        cases[f"prefill-d{d}-fp32-dca"] = dict(
+            kernel="prefill", d=d, dtype="fp32", paged=True, page=16, dca=True
+        )
+        cases[f"decode-d{d}-fp32-dca"] = dict(kernel="decode", d=d, dtype="fp32", page=16, dca=True)
     cases["decode-d128-fp16-page16"] = dict(
         kernel="decode", d=128, dtype="fp16", page=16, dca=False
     )
@@ -131,11 +142,15 @@ def _compile_case(case: dict) -> dict:
 
     d, dtype = case["d"], case["dtype"]
     if case["kernel"] == "prefill":
-        cfg = fp.PREFILL_CONFIGS[d]
+        cfg = fp.prefill_config(d, case["page"] if case["paged"] else None)
+        # tensor descriptors where the wrapper would build them (pages hold whole tiles)
+        tma = cfg.tma and (not case["paged"] or case["page"] % cfg.block_n == 0)
         fn = fp._flash_prefill_kernel
         sig, attrs = _signature(
             fn, _PREFILL_PTRS, _PREFILL_INTS, ("qk_scale", "yarn_inv_orig"), dtype
         )
+        if tma:  # host TensorDescriptor arguments, block [BLOCK_N, D]
+            sig["K_DESC"] = sig["V_DESC"] = f"tensordesc<{dtype}[{cfg.block_n}, {d}]>"
         const = dict(
             GROUPS=7,
             HEAD_DIM=d,
@@ -148,9 +163,12 @@ def _compile_case(case: dict) -> dict:
             DCA=case["dca"],
             YARN=case["dca"],
             UPCAST=False,
-            DOT_PREC="tf32",
+            DOT_PREC="ieee" if dtype == "fp32" else "tf32",
             FAST_TRIG=True,
+            TMA=tma,
         )
+        if not tma:
+            const.update(K_DESC=None, V_DESC=None)
         opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     elif case["kernel"] == "decode":
         cfg = pd.DECODE_CONFIGS[d]
@@ -168,15 +186,16 @@ def _compile_case(case: dict) -> dict:
             DCA=case["dca"],
             YARN=case["dca"],
             UPCAST=False,
-            DOT_PREC="tf32",
+            DOT_PREC="ieee" if dtype == "fp32" else "tf32",
             FAST_TRIG=True,
+            USE_PDL=cfg.pdl,
         )
         opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         fn = pd._decode_reduce_kernel
         sig, attrs = _signature(fn, _REDUCE_PTRS, _REDUCE_INTS, (), dtype)
-        const = dict(BLOCK_D=min(d, pd.REDUCE_BLOCK_D), BLOCK_P=pd.REDUCE_MAX_BLOCK_P)
-        opts = dict(num_warps=4)
+        const = dict(BLOCK_D=min(d, pd.REDUCE_BLOCK_D), BLOCK_P=pd.REDUCE_BLOCK_P, USE_PDL=True)
+        opts = dict(num_warps=4, launch_pdl=True)
     src = ASTSource(fn, sig, const, attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     return dict(shared=kernel.metadata.shared, num_warps=kernel.metadata.num_warps)

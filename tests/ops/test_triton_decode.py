@@ -92,8 +92,9 @@ def test_ragged_batch_gqa_partitions():
 
 
 def test_reduce_loops_over_partition_chunks(monkeypatch):
-    """More partitions than the reduce merges per step (REDUCE_MAX_BLOCK_P, here 2)."""
-    monkeypatch.setattr(pd, "REDUCE_MAX_BLOCK_P", 2)
+    """More partitions than the reduce merges per step (REDUCE_BLOCK_P, here 2)."""
+    monkeypatch.setattr(pd, "REDUCE_BLOCK_P", 2)
+    monkeypatch.setattr(pd, "_PLANS", {})  # launch plans are cached with the old block
     gen = torch.Generator().manual_seed(15)
     lens = [5, 150, 97]
     q, ks, vs = make_batch(lens, 4, 2, 64, torch.float32, gen)
@@ -183,3 +184,13 @@ def test_rejects_bad_partition_size():
         paged_decode(
             q, cache, cache, table, torch.tensor([10]), scale=1.0, partition_size=40, config=SMALL
         )
+
+
+@pytest.mark.parametrize("batch,ctx", [(1, 32768), (1, 131072), (8, 131072), (1, 1 << 20)])
+def test_partitions_fill_one_wave(batch, ctx):
+    """Default partitions: every program resident at once (<= 2 per SM of the 132 assumed
+    off-GPU), and enough of them to keep every SM busy."""
+    size = pd.default_partition_size(ctx, batch, 4, torch.device("cpu"), 64, programs_per_sm=2)
+    programs = -(-ctx // size) * batch * 4
+    assert size % 64 == 0
+    assert 132 < programs <= 2 * 132

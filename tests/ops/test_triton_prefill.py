@@ -7,6 +7,7 @@ Helpers here are shared with test_triton_decode.py.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import pytest
@@ -17,6 +18,8 @@ from longctx.ops.triton import KernelConfig, flash_prefill, flash_prefill_varlen
 THETA = 10000.0
 SMALL = KernelConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)  # many tiles at small L
 TINY_N = KernelConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
+SMALL_TMA = KernelConfig(block_m=32, block_n=32, num_warps=4, num_stages=1, tma=True)
+fp = importlib.import_module("longctx.ops.triton.flash_prefill")
 TOL = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
@@ -318,6 +321,34 @@ def test_half_precision_rope_yarn(dtype):
     ref = reference(q, k, v, torch.arange(ctx - lq, ctx), scale=d**-0.5, rope=True, yarn=40)
     assert out.dtype == dtype
     assert_close(out, lse, *ref, dtype)
+
+
+@pytest.mark.parametrize(
+    "page,dtype",
+    [(64, torch.float32), (32, torch.float16), (None, torch.float32)],
+    ids=["paged64-fp32", "paged32-fp16", "contiguous"],
+)
+def test_tensor_descriptor_tiles(page, dtype):
+    """Unmasked runs through TMA descriptors (rows page * PAGE_SIZE + offset of the 2-d
+    cache view); masked edges keep pointer loads over the NaN-poisoned cache."""
+    gen = torch.Generator().manual_seed(16)
+    ctx, lq, hq, hkv, d = 300, 150, 4, 2, 64
+    q = randn(lq, hq, d, dtype=dtype, gen=gen)
+    k = cached_keys(randn(ctx, hkv, d, dtype=dtype, gen=gen), None, True)
+    v = randn(ctx, hkv, d, dtype=dtype, gen=gen)
+    kw = dict(gen=gen, q_pos0=ctx - lq, scale=d**-0.5, rope_theta=THETA, config=SMALL_TMA)
+    out, lse = run_single(q, k, v, page=page, **kw)
+    ref = reference(q, k, v, torch.arange(ctx - lq, ctx), scale=d**-0.5, rope=True)
+    assert_close(out, lse, *ref, dtype)
+    kc, vc, _ = paged_kv([k], [v], page or ctx)
+    paged = page is not None
+    descs = fp._kv_descriptors(kc if paged else k[None], vc if paged else v[None], paged, SMALL_TMA)
+    assert descs[0] is not None, "the descriptor path was not taken"
+
+
+def test_tensor_descriptors_fall_back_when_pages_split_tiles():
+    k = torch.zeros(4, 16, 2, 64)
+    assert fp._kv_descriptors(k, k, True, SMALL_TMA) == (None, None)  # page 16 < block_n 32
 
 
 # ------------------------------------------------------------------------------------------------

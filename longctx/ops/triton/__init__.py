@@ -7,21 +7,25 @@ All return (out, lse) with lse [Hq, tokens] float32 natural log, as longctx/ops/
 """
 
 from longctx.ops.triton.flash_prefill import (
+    LARGE_PAGE_PREFILL_CONFIGS,
     PREFILL_CONFIGS,
     KernelConfig,
     flash_prefill,
     flash_prefill_varlen,
+    prefill_config,
     rope_inv_freq,
 )
 from longctx.ops.triton.paged_decode import DECODE_CONFIGS, DecodeConfig, paged_decode
 
 __all__ = [
     "DECODE_CONFIGS",
+    "LARGE_PAGE_PREFILL_CONFIGS",
     "PREFILL_CONFIGS",
     "DecodeConfig",
     "KernelConfig",
     "flash_prefill",
     "flash_prefill_varlen",
     "paged_decode",
+    "prefill_config",
     "rope_inv_freq",
 ]

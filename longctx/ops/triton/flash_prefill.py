@@ -24,7 +24,18 @@ to multiples of BLOCK_N in absolute key position, fall into three runs:
           |--masked----|-------unmasked---------|----masked----|
            rows' lo vary  all rows see all keys  rows' hi vary (the causal diagonal)
 
-so masking costs only on the band edges (the causal diagonal, DCA chunk edges).
+so masking costs only on the band edges (the causal diagonal, DCA chunk edges). With
+KernelConfig.tma the unmasked run reads K/V tiles through tensor descriptors (the copy
+engine: no per-thread address arithmetic, fewer registers) over the cache viewed as rows
+[num_blocks * page, Hkv * D]: a tile is the BLOCK_N rows from page * PAGE_SIZE (needs
+PAGE_SIZE % BLOCK_N == 0). Masked tiles keep masked pointer loads: keys past the valid range
+may be garbage (NaN) that p @ v must never see.
+
+The softmax scale (times log2 e, for exp2) is applied to the logits, fused with the max
+subtraction into one FMA, so that an unrotated query is a plain load: the query tile then
+stays in shared memory as the wgmma A operand instead of being reloaded into registers
+every tile. A rotated query (RoPE, DCA) gets there by a round trip through the program's
+own output rows (_restage_query).
 
 DCA (DESIGN.md section 2): c = chunk_size - local_size. A key at position j is cached rotated
 at j mod c. A query at p (chunk n = p // c) attends to
@@ -34,7 +45,8 @@ at j mod c. A query at p (chunk n = p // c) attends to
     q pos   min(2c-1, C)        min(p mod c + c, C)       p mod c
 
 The three parts share one online softmax: merging their (out, lse) by log-sum-exp is exactly
-a softmax over the union of the keys, so no merge pass and no 3x query tensor are needed.
+a softmax over the union of the keys, so no merge pass and no 3x query tensor are needed. A
+part none of the block's rows sees is skipped whole (no rotation, no loop set-up).
 
 YaRN: with original_max set, logits of the query at p are multiplied by f(p)^2,
 f(p) = max(1, 0.1 ln((p + 1) / original_max) + 1).
@@ -54,8 +66,15 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side tensor descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 LOG2E = 1.4426950408889634
 _NO_KEY_LIMIT = tl.constexpr(2**30)  # "no bound" for key positions (int32)
+# Read once: TRITON_INTERPRET must be set before any kernel is defined anyway.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class DCAParams(Protocol):
@@ -67,39 +86,62 @@ class DCAParams(Protocol):
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes and launch options of one kernel."""
+    """Tile sizes and launch options of one kernel.
+
+    tma: read the unmasked K/V tiles through tensor descriptors when the layout allows it
+    (cache pages a multiple of block_n, rows contiguous); otherwise pointer loads.
+    (Triton 3.6 ignores tl.range(warp_specialize=True) on sm_90 for this loop: the sm_90
+    binary came out identical, so no warp-specialization option here.)
+    """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = False
 
 
 # The place to tune (benchmarks/bench_attention_gpu.py --tune sweeps alternatives). Fixed
 # configs, no autotune: the interpreter cannot autotune, and a fixed config keeps compiled
-# kernels deterministic. Chosen for sm_90 by head_dim: BLOCK_M 128 with 8 warps = two
-# warpgroups of 64 rows on wgmma; BLOCK_N 64 with 3 stages = 3 x (K + V) tiles of 16 KiB +
-# the 32 KiB query tile = 128 KiB of shared memory at d=128, one CTA per SM at ~215
-# registers/thread (tests/ops/test_triton_compile.py checks the fit for sm_90).
+# kernels deterministic. Chosen for sm_90 by head_dim (benchmarks/results/
+# attention_tuning_notes.md): BLOCK_M 128 with 8 warps = two warpgroups of 64 rows on wgmma,
+# K/V of the unmasked run through tensor descriptors. BLOCK_N 64 with 3 stages = 3 x (K + V)
+# tiles of 16 KiB + the 32 KiB query tile = 128 KiB of shared memory. When cache pages hold
+# whole 128-key tiles (block size 128, 256, ...; or contiguous keys), 128-key tiles with 3
+# stages: 224 KiB, one CTA per SM, 28% fewer instructions per key (H200, 32K causal: 492
+# against 464 TFLOP/s). tests/ops/test_triton_compile.py checks the fit for sm_90.
+# Head dims 16, 32 and 256 (small test models, a few other architectures) get modest,
+# untuned tiles that fit shared memory.
 PREFILL_CONFIGS: dict[int, KernelConfig] = {
-    64: KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
-    128: KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    16: KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    32: KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    64: KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, tma=True),
+    128: KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, tma=True),
+    256: KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2),
+}
+LARGE_PAGE_PREFILL_CONFIGS: dict[int, KernelConfig] = {
+    128: KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=True),
 }
 # Under the interpreter the cost is programs x loop iterations: larger tiles run faster.
 INTERPRET_PREFILL_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=1)
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
-def prefill_config(head_dim: int) -> KernelConfig:
-    if interpreting():
+def prefill_config(head_dim: int, page_size: int | None = None) -> KernelConfig:
+    """Default tiles for head_dim; page_size (None: contiguous keys) picks 128-key tiles
+    where a page holds whole tiles."""
+    if _INTERPRET:
         return INTERPRET_PREFILL_CONFIG
     if head_dim not in PREFILL_CONFIGS:
         raise ValueError(
             f"no prefill config for head_dim {head_dim} (have {sorted(PREFILL_CONFIGS)})"
         )
+    large = LARGE_PAGE_PREFILL_CONFIGS.get(head_dim)
+    if large is not None and (page_size is None or page_size % large.block_n == 0):
+        return large
     return PREFILL_CONFIGS[head_dim]
 
 
@@ -152,12 +194,15 @@ def _load_query(
     stride_row,
     rot_pos,
     INV_FREQ,
-    row_scale,
     HEAD_DIM: tl.constexpr,
     ROPE: tl.constexpr,
     FAST_TRIG: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
-    """Query tile [ROWS, HEAD_DIM] in float32: rotated at rot_pos (if ROPE), times row_scale."""
+    """Query tile [ROWS, HEAD_DIM] in the dot dtype, rotated at rot_pos (if ROPE), unscaled.
+
+    Without ROPE it is a plain load, which lets Triton keep it in shared memory as the A
+    operand of every tile's q @ k^T."""
     base = Q + rows[:, None] * stride_row
     if ROPE:
         # rotate-half on the two halves, then put them back side by side
@@ -166,14 +211,29 @@ def _load_query(
         q1 = tl.load(base + offs_h, mask=row_ok[:, None], other=0.0).to(tl.float32)
         q2 = tl.load(base + HALF + offs_h, mask=row_ok[:, None], other=0.0).to(tl.float32)
         cos, sin = _rope_cos_sin(rot_pos, INV_FREQ, HALF, FAST_TRIG)
-        r1 = (q1 * cos - q2 * sin) * row_scale[:, None]
-        r2 = (q2 * cos + q1 * sin) * row_scale[:, None]
+        r1 = q1 * cos - q2 * sin
+        r2 = q2 * cos + q1 * sin
         q = tl.reshape(tl.permute(tl.join(r1, r2), (0, 2, 1)), (r1.shape[0], HEAD_DIM))
+        if not UPCAST:
+            q = q.to(Q.dtype.element_ty)
     else:
         offs_d = tl.arange(0, HEAD_DIM)[None, :]
-        q = tl.load(base + offs_d, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        q = q * row_scale[:, None]
+        q = tl.load(base + offs_d, mask=row_ok[:, None], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
     return q
+
+
+@triton.jit
+def _restage_query(q, O_PTRS, row_ok):
+    """Round-trip a computed (rotated) query tile through this program's own output rows,
+    which are written only in the epilogue. A loaded tile is what Triton keeps in shared
+    memory as the A operand of every q @ k^T (SS-wgmma); a computed one it holds in
+    registers and reloads from shared memory each key tile (8 LDSM.x4 per tile at d=128)."""
+    tl.debug_barrier()  # the previous part's reads of these rows are done
+    tl.store(O_PTRS, q, mask=row_ok[:, None])
+    tl.debug_barrier()
+    return tl.load(O_PTRS, mask=row_ok[:, None], other=0.0)
 
 
 @triton.jit
@@ -210,8 +270,7 @@ def _part_ranges(
 def _tile_pages(
     BT,
     start_n,
-    tile_hi,
-    key_hi,
+    page_hi,
     PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -219,14 +278,13 @@ def _tile_pages(
     """Cache block(s) of the key tile starting at start_n: token t lives in block
     BT[t // PAGE_SIZE], row t % PAGE_SIZE. A scalar when a tile never spans two blocks
     (PAGE_SIZE a multiple of BLOCK_N; tiles are BLOCK_N-aligned), else one entry per key.
-    Tiles at or past tile_hi (and keys past key_hi) read nothing."""
+    Entries at or past key page_hi (within the table) are not read."""
     if PAGED:
         if PAGE_SIZE % BLOCK_N == 0:
-            page = tl.load(BT + start_n // PAGE_SIZE, mask=start_n < tile_hi, other=0)
+            page = tl.load(BT + start_n // PAGE_SIZE, mask=start_n < page_hi, other=0)
         else:
             offs = start_n + tl.arange(0, BLOCK_N)
-            ok = (offs < key_hi) & (start_n < tile_hi)
-            page = tl.load(BT + offs // PAGE_SIZE, mask=ok, other=0)
+            page = tl.load(BT + offs // PAGE_SIZE, mask=offs < page_hi, other=0)
         page = page.to(tl.int64)
     else:
         page = tl.zeros([], dtype=tl.int64)
@@ -244,18 +302,33 @@ def _kv_row_offsets(page, offs, stride_kb, stride_ks, PAGED: tl.constexpr, PAGE_
 
 
 @triton.jit
+def _tile_row(page, start_n, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """First row of a key tile in the 2-d cache view [num_blocks * PAGE_SIZE, Hkv * D]."""
+    if PAGED:
+        row = page.to(tl.int32) * PAGE_SIZE + start_n % PAGE_SIZE
+    else:
+        row = start_n
+    return row
+
+
+@triton.jit
 def _attend_tiles(
     acc,
     m_i,
     l_i,
     q,
+    row_scale,
     K,
     V,
+    K_DESC,
+    V_DESC,
     BT,
+    kv_col,
     stride_kb,
     stride_ks,
     tile_lo,
     tile_hi,
+    page_hi,
     key_lo,
     key_hi,
     row_lo,
@@ -267,12 +340,16 @@ def _attend_tiles(
     HEAD_DIM: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Online softmax over key tiles [tile_lo, tile_hi) (BLOCK_N-aligned).
 
-    q [ROWS, HEAD_DIM] is pre-scaled to log2 units; m_i is a running max in those units.
-    MASKED: keys outside [key_lo, key_hi) are not loaded (zeros, so NaN garbage in unused
-    cache rows cannot leak through p @ v) and each row keeps only [row_lo, row_hi).
+    Logits are qk * row_scale in log2 units (one FMA with the max subtraction); m_i is the
+    running max in those units. MASKED: keys outside [key_lo, key_hi) are not loaded (zeros,
+    so NaN garbage in unused cache rows cannot leak through p @ v) and each row keeps only
+    [row_lo, row_hi). Block-table entries are read below key page_hi (decode passes a bound
+    known before the context length arrives). TMA (unmasked runs only): K/V tiles through
+    the descriptors.
     The block-table entry of the next tile is read one iteration ahead and carried: a
     K/V address that depends on a load of the same iteration stops Triton's pipeliner
     from keeping more than one tile in flight (measured in the sm_90 TTGIR: 2 buffers
@@ -280,29 +357,37 @@ def _attend_tiles(
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    page = _tile_pages(BT, tile_lo, tile_hi, key_hi, PAGED, PAGE_SIZE, BLOCK_N)
+    page = _tile_pages(BT, tile_lo, page_hi, PAGED, PAGE_SIZE, BLOCK_N)
     for start_n in range(tile_lo, tile_hi, BLOCK_N):
         offs = start_n + offs_n
-        rows = _kv_row_offsets(page, offs, stride_kb, stride_ks, PAGED, PAGE_SIZE)
-        page = _tile_pages(BT, start_n + BLOCK_N, tile_hi, key_hi, PAGED, PAGE_SIZE, BLOCK_N)
-        ptrs = rows[:, None] + offs_d[None, :]
-        if MASKED:
-            key_ok = ((offs >= key_lo) & (offs < key_hi))[:, None]
-            k = tl.load(K + ptrs, mask=key_ok, other=0.0)
+        if TMA:
+            row = _tile_row(page, start_n, PAGED, PAGE_SIZE)
+            page = _tile_pages(BT, start_n + BLOCK_N, page_hi, PAGED, PAGE_SIZE, BLOCK_N)
+            k = K_DESC.load([row, kv_col])
         else:
-            k = tl.load(K + ptrs)
+            rows = _kv_row_offsets(page, offs, stride_kb, stride_ks, PAGED, PAGE_SIZE)
+            page = _tile_pages(BT, start_n + BLOCK_N, page_hi, PAGED, PAGE_SIZE, BLOCK_N)
+            ptrs = rows[:, None] + offs_d[None, :]
+            if MASKED:
+                key_ok = ((offs >= key_lo) & (offs < key_hi))[:, None]
+                k = tl.load(K + ptrs, mask=key_ok, other=0.0)
+            else:
+                k = tl.load(K + ptrs)
         if UPCAST:
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if MASKED:
             seen = (offs[None, :] >= row_lo[:, None]) & (offs[None, :] < row_hi[:, None])
             qk = tl.where(seen, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
+        # row_scale > 0, so the max of the scaled row is the scaled max
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * row_scale)
+        p = tl.math.exp2(qk * row_scale[:, None] - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if MASKED:
+        if TMA:
+            v = V_DESC.load([row, kv_col])
+        elif MASKED:
             v = tl.load(V + ptrs, mask=key_ok, other=0.0)
         else:
             v = tl.load(V + ptrs)
@@ -344,9 +429,13 @@ def _attend_band(
     m_i,
     l_i,
     q,
+    row_scale,
     K,
     V,
+    K_DESC,
+    V_DESC,
     BT,
+    kv_col,
     stride_kb,
     stride_ks,
     row_lo,
@@ -358,6 +447,7 @@ def _attend_band(
     HEAD_DIM: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """All keys of a query block for one part: masked edges, unmasked middle (module doc)."""
     lo_min = tl.min(tl.where(row_ok, row_lo, _NO_KEY_LIMIT), 0)
@@ -371,86 +461,54 @@ def _attend_band(
     no_full = full_lo >= full_hi
     full_lo = tl.where(no_full, tl.cdiv(hi_max, BLOCK_N) * BLOCK_N, full_lo)
     full_hi = tl.where(no_full, full_lo, full_hi)
-    acc, m_i, l_i = _attend_tiles(
-        acc,
-        m_i,
-        l_i,
-        q,
-        K,
-        V,
-        BT,
-        stride_kb,
-        stride_ks,
-        first,
-        full_lo,
-        lo_min,
-        hi_max,
-        row_lo,
-        row_hi,
-        True,
-        PAGED,
-        PAGE_SIZE,
-        BLOCK_N,
-        HEAD_DIM,
-        UPCAST,
-        DOT_PREC,
-    )
-    acc, m_i, l_i = _attend_tiles(
-        acc,
-        m_i,
-        l_i,
-        q,
-        K,
-        V,
-        BT,
-        stride_kb,
-        stride_ks,
-        full_lo,
-        full_hi,
-        lo_min,
-        hi_max,
-        row_lo,
-        row_hi,
-        False,
-        PAGED,
-        PAGE_SIZE,
-        BLOCK_N,
-        HEAD_DIM,
-        UPCAST,
-        DOT_PREC,
-    )
-    acc, m_i, l_i = _attend_tiles(
-        acc,
-        m_i,
-        l_i,
-        q,
-        K,
-        V,
-        BT,
-        stride_kb,
-        stride_ks,
-        full_hi,
-        hi_max,
-        lo_min,
-        hi_max,
-        row_lo,
-        row_hi,
-        True,
-        PAGED,
-        PAGE_SIZE,
-        BLOCK_N,
-        HEAD_DIM,
-        UPCAST,
-        DOT_PREC,
-    )
+    # masked leading edge, unmasked middle, masked trailing edge (the causal diagonal)
+    for run in tl.static_range(3):
+        if run == 0:
+            tile_lo, tile_hi = first, full_lo
+        elif run == 1:
+            tile_lo, tile_hi = full_lo, full_hi
+        else:
+            tile_lo, tile_hi = full_hi, hi_max
+        acc, m_i, l_i = _attend_tiles(
+            acc,
+            m_i,
+            l_i,
+            q,
+            row_scale,
+            K,
+            V,
+            K_DESC,
+            V_DESC,
+            BT,
+            kv_col,
+            stride_kb,
+            stride_ks,
+            tile_lo,
+            tile_hi,
+            hi_max,
+            lo_min,
+            hi_max,
+            row_lo,
+            row_hi,
+            run != 1,
+            PAGED,
+            PAGE_SIZE,
+            BLOCK_N,
+            HEAD_DIM,
+            UPCAST,
+            DOT_PREC,
+            TMA & (run == 1),
+        )
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lh", "stride_bt"])
 def _flash_prefill_kernel(
     Q,
     K,
     V,
+    K_DESC,
+    V_DESC,
     BT,
     Out,
     LSE,
@@ -485,6 +543,7 @@ def _flash_prefill_kernel(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
     FAST_TRIG: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # -- program set-up: which queries, which heads, which sequence
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -501,11 +560,14 @@ def _flash_prefill_kernel(
     row_ok = offs_m < q_len
     pos = q_pos0 + offs_m  # absolute query positions
     rows = (q_begin + offs_m).to(tl.int64)
-    kv_off = (head // GROUPS).to(tl.int64) * stride_kh
+    kv_head = head // GROUPS
+    kv_off = kv_head.to(tl.int64) * stride_kh
     K += kv_off
     V += kv_off
     BT += seq.to(tl.int64) * stride_bt
     Qh = Q + head.to(tl.int64) * stride_qh
+    offs_d = tl.arange(0, HEAD_DIM)
+    o_ptrs = Out + rows[:, None] * stride_ot + head.to(tl.int64) * stride_oh + offs_d[None, :]
     row_scale = _yarn_row_scale(pos, qk_scale, yarn_inv_orig, YARN)
 
     # -- online softmax over every part's keys
@@ -515,42 +577,47 @@ def _flash_prefill_kernel(
         row_lo, row_hi, rot_pos = _part_ranges(
             part, pos, k_start, k_end, chunk_len, chunk_size, CAUSAL, DCA
         )
-        q = _load_query(
-            Qh, rows, row_ok, stride_qt, rot_pos, INV_FREQ, row_scale, HEAD_DIM, ROPE, FAST_TRIG
-        )
-        if not UPCAST:
-            q = q.to(K.dtype.element_ty)
-        acc, m_i, l_i = _attend_band(
-            acc,
-            m_i,
-            l_i,
-            q,
-            K,
-            V,
-            BT,
-            stride_kb,
-            stride_ks,
-            row_lo,
-            row_hi,
-            row_ok,
-            PAGED,
-            PAGE_SIZE,
-            BLOCK_N,
-            HEAD_DIM,
-            UPCAST,
-            DOT_PREC,
-        )
+        if tl.max(tl.where(row_ok & (row_lo < row_hi), 1, 0), 0) > 0:
+            q = _load_query(
+                Qh, rows, row_ok, stride_qt, rot_pos, INV_FREQ, HEAD_DIM, ROPE, FAST_TRIG, UPCAST
+            )
+            if ROPE and not UPCAST:
+                q = _restage_query(q, o_ptrs, row_ok)
+            acc, m_i, l_i = _attend_band(
+                acc,
+                m_i,
+                l_i,
+                q,
+                row_scale,
+                K,
+                V,
+                K_DESC,
+                V_DESC,
+                BT,
+                kv_head * HEAD_DIM,
+                stride_kb,
+                stride_ks,
+                row_lo,
+                row_hi,
+                row_ok,
+                PAGED,
+                PAGE_SIZE,
+                BLOCK_N,
+                HEAD_DIM,
+                UPCAST,
+                DOT_PREC,
+                TMA,
+            )
 
     # -- epilogue: out [T, Hq, D], lse [Hq, T]
     out, lse = _finish(acc, m_i, l_i)
-    offs_d = tl.arange(0, HEAD_DIM)
-    o_ptrs = Out + rows[:, None] * stride_ot + head.to(tl.int64) * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + head.to(tl.int64) * stride_lh + rows, lse, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------
-# Host side
+# Host side. Wrappers run once per layer per step: everything that does not change between
+# calls (inv_freq, variants, descriptors, small index tensors) is cached, and nothing syncs.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -590,27 +657,53 @@ def make_variant(
     dca: DCAParams | None,
     yarn_original_max: int | None,
 ) -> _Variant:
+    dca_key = None if dca is None else (int(dca.chunk_size), int(dca.local_size))
+    theta = None if rope_theta is None else float(rope_theta)
+    return _make_variant(head_dim, device, theta, dca_key, yarn_original_max or 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _make_variant(
+    head_dim: int,
+    device: torch.device,
+    rope_theta: float | None,
+    dca: tuple[int, int] | None,
+    yarn_original_max: int,
+) -> _Variant:
     if dca is not None and rope_theta is None:
         raise ValueError("DCA rotates queries in the kernel: pass rope_theta")
     if head_dim % 2:
         raise ValueError(f"head_dim must be even, got {head_dim}")
-    inv_freq = None if rope_theta is None else rope_inv_freq(head_dim, float(rope_theta), device)
+    inv_freq = None if rope_theta is None else rope_inv_freq(head_dim, rope_theta, device)
     chunk_len = chunk_size = 0
     if dca is not None:
-        chunk_size, chunk_len = int(dca.chunk_size), int(dca.chunk_size - dca.local_size)
+        chunk_size, chunk_len = dca[0], dca[0] - dca[1]
         if chunk_len <= 0:
             raise ValueError(f"DCA needs chunk_size > local_size, got {dca}")
     yarn_inv = 1.0 / yarn_original_max if yarn_original_max else 0.0
     return _Variant(inv_freq, chunk_len, chunk_size, yarn_inv)
 
 
+_DTYPE_FLAGS = {
+    torch.float16: (False, "tf32"),
+    torch.bfloat16: (_INTERPRET, "tf32"),
+    torch.float32: (False, "ieee"),
+}
+
+
 def dtype_flags(dtype: torch.dtype) -> tuple[bool, str]:
     """(UPCAST, DOT_PREC): bf16 is broken in the interpreter, so upcast loads there; fp32 dots
     use full IEEE precision rather than TF32."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if dtype not in _DTYPE_FLAGS:
         raise ValueError(f"unsupported dtype {dtype}")
-    upcast = dtype == torch.bfloat16 and interpreting()
-    return upcast, ("ieee" if dtype == torch.float32 else "tf32")
+    return _DTYPE_FLAGS[dtype]
+
+
+@functools.lru_cache(maxsize=256)
+def _int32_args(device: torch.device, values: tuple[int, ...]) -> torch.Tensor:
+    """Small int32 index tensor on device, built once per distinct value tuple (an
+    uncached host list -> device copy would cost a blocking transfer every call)."""
+    return torch.tensor(values, dtype=torch.int32).to(device)
 
 
 def _check_prefill_inputs(
@@ -673,18 +766,18 @@ def flash_prefill(
     limit = k.shape[0] if block_table is None else block_table.shape[1] * k.shape[1]
     if k_start < 0 or k_end > limit:
         raise ValueError(f"key range [{k_start}, {k_end}) exceeds the {limit} keys available")
-    dev = q.device
-    as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=dev)
+    # one device tensor [0, lq, q_pos0, k_start, k_end], sliced into the varlen arguments
+    args = _int32_args(q.device, (0, lq, q_pos0, k_start, k_end))
     return flash_prefill_varlen(
         q,
         k,
         v,
         scale=scale,
-        cu_seqlens_q=as_i32([0, lq]),
+        cu_seqlens_q=args[0:2],
         max_seqlen_q=lq,
-        q_pos0=as_i32([q_pos0]),
-        k_start=as_i32([k_start]),
-        k_end=as_i32([k_end]),
+        q_pos0=args[2:3],
+        k_start=args[3:4],
+        k_end=args[4:5],
         block_table=block_table,
         causal=causal,
         rope_theta=rope_theta,
@@ -721,9 +814,9 @@ def flash_prefill_varlen(
     block_table [B, max_blocks] must cover k_end[s] tokens of sequence s. max_seqlen_q (host
     int) sizes the grid. Returns (out [T, Hq, D], lse [Hq, T] float32 natural log)."""
     _check_prefill_inputs(q, k, v, block_table)
-    nseq = cu_seqlens_q.numel() - 1
+    nseq = cu_seqlens_q.shape[0] - 1
     if k_start is None:
-        k_start = torch.zeros(nseq, dtype=torch.int32, device=q.device)
+        k_start = _int32_args(q.device, (0,) * nseq)
     paged = block_table is not None
     if not paged:  # contiguous [Lk, Hkv, D] is one page holding every key
         k, v = k[None], v[None]
@@ -735,6 +828,9 @@ def flash_prefill_varlen(
         lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
     if out.shape != q.shape or lse.shape != (q.shape[1], q.shape[0]) or out.stride(-1) != 1:
         raise ValueError(f"out {tuple(out.shape)} / lse {tuple(lse.shape)} do not fit q")
+    if out.dtype != q.dtype or out.data_ptr() == q.data_ptr():
+        # the kernel stages rotated queries in out's rows: same dtype, no aliasing
+        raise ValueError("out must have q's dtype and must not alias q")
     if q.shape[0] == 0 or max_seqlen_q == 0:
         return out, lse
     _launch_prefill(
@@ -752,9 +848,29 @@ def flash_prefill_varlen(
         var,
         causal,
         max_seqlen_q,
-        config or prefill_config(q.shape[2]),
+        config or prefill_config(q.shape[2], k.shape[1] if paged else None),
     )
     return out, lse
+
+
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, paged: bool, cfg: KernelConfig):
+    """(K_DESC, V_DESC) over the caches [blocks, page, Hkv, D] viewed as rows
+    [blocks * page, Hkv * D], block [BLOCK_N, D]; (None, None) when descriptors don't fit
+    (config off, the interpreter's bf16 upcast, pages not a multiple of BLOCK_N, rows not
+    contiguous). Contiguous keys come as one page [1, Lk, Hkv, D]: rows = key positions.
+    Built per call (a few us): a cache of them would keep freed KV caches alive."""
+    blocks, page, hkv, d = k.shape
+    if not cfg.tma or TensorDescriptor is None or (paged and page % cfg.block_n):
+        return None, None
+    if dtype_flags(k.dtype)[0] or blocks * page >= 2**31:
+        return None, None
+    if k.stride() != (page * hkv * d, hkv * d, d, 1):
+        return None, None
+    shape, strides, block = [blocks * page, hkv * d], [hkv * d, 1], [cfg.block_n, d]
+    return (
+        TensorDescriptor(k, shape, strides, block),
+        TensorDescriptor(v, shape, strides, block),
+    )
 
 
 def _launch_prefill(
@@ -775,13 +891,17 @@ def _launch_prefill(
     cfg: KernelConfig,
 ) -> None:
     paged = block_table is not None
+    k_desc, v_desc = _kv_descriptors(k, v, paged, cfg)
     bt = block_table if paged else cu_q  # any int pointer when not paged (never read)
     upcast, dot_prec = dtype_flags(q.dtype)
-    grid = (triton.cdiv(max_seqlen_q, cfg.block_m), q.shape[1], cu_q.numel() - 1)
+    q_strides, k_strides, o_strides = q.stride(), k.stride(), out.stride()
+    grid = (-(-max_seqlen_q // cfg.block_m), q.shape[1], cu_q.shape[0] - 1)
     _flash_prefill_kernel[grid](
         q,
         k,
         v,
+        k_desc,
+        v_desc,
         bt,
         out,
         lse,
@@ -794,13 +914,13 @@ def _launch_prefill(
         var.yarn_inv_orig,
         var.dca_chunk_len,
         var.dca_chunk_size,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        out.stride(0),
-        out.stride(1),
+        q_strides[0],
+        q_strides[1],
+        k_strides[0],
+        k_strides[1],
+        k_strides[2],
+        o_strides[0],
+        o_strides[1],
         lse.stride(0),
         bt.stride(0) if paged else 0,
         GROUPS=q.shape[1] // k.shape[2],
@@ -815,7 +935,8 @@ def _launch_prefill(
         YARN=var.yarn,
         UPCAST=upcast,
         DOT_PREC=dot_prec,
-        FAST_TRIG=not interpreting(),
+        FAST_TRIG=not _INTERPRET,
+        TMA=k_desc is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -11,18 +11,22 @@ Two launches with static grids (no host sync, no data-dependent shape):
                  and kv head g once, for all Hq/Hkv query heads of that group (rows of one
                  tl.dot). Writes out_part [B, Hq, P, D] fp32 and lse_part [B, Hq, P];
                  partitions past the context write out 0, lse -inf.
-    2. reduce    grid (Hq, B): log-sum-exp merge of the cdiv(context, S) non-empty partitions.
+    2. reduce    grid (Hq, B, D / BLOCK_D): log-sum-exp merge of the cdiv(context, S)
+                 non-empty partitions. Launched as a programmatic dependent launch on sm_90:
+                 its programs are placed while the partial kernel drains and wait for it
+                 in-kernel (griddepcontrol), which hides most of a launch gap.
 
 P = cdiv(max_context, S) with max_context static (by default the block table's capacity,
 block_table.shape[1] * page_size), so one CUDA graph serves every context length of a
 batch-size bucket. S (partition_size) is picked so that a batch of the bucket's largest
-contexts spreads over about PROGRAMS_PER_SM programs per SM.
+contexts gives at most DecodeConfig.programs_per_sm programs per SM: all resident at once
+(one wave, no tail), each streaming several tiles with num_stages - 1 loads in flight.
 
 DCA decode (DESIGN.md section 2), cached length L, c = chunk_size - local_size, n = (L-1)//c:
 intra = keys [n c, L) with the query at (L-1) mod c; successive = [(n-1) c, n c) at
-min((L-1) mod c + c, C); inter = [0, (n-1) c) at min(2c-1, C). A partition runs the parts
-its key range meets, in one online softmax. The same helpers as flash_prefill.py compute
-the ranges and rotate the query in the kernel.
+min((L-1) mod c + c, C); inter = [0, (n-1) c) at min(2c-1, C). A partition runs only the
+parts its key range meets (one, except at a chunk edge), in one online softmax. The same
+helpers as flash_prefill.py compute the ranges and rotate the query in the kernel.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import triton
 import triton.language as tl
 
 from longctx.ops.triton.flash_prefill import (
+    _INTERPRET,
     LOG2E,
     DCAParams,
     _attend_tiles,
@@ -44,36 +49,50 @@ from longctx.ops.triton.flash_prefill import (
     _part_ranges,
     _yarn_row_scale,
     dtype_flags,
-    interpreting,
     make_variant,
 )
+
+if not _INTERPRET:  # griddepcontrol is inline PTX: not in the interpreter
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+else:  # pragma: no cover - never traced (USE_PDL is False under the interpreter)
+    gdc_launch_dependents = gdc_wait = None
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
+    """Partial-kernel tiles and launch options; programs_per_sm sizes the partitions.
+
+    pdl: launch the reduce as a programmatic dependent launch (sm_90+, not interpreted)."""
+
     block_n: int
     num_warps: int
     num_stages: int
+    programs_per_sm: int = 2
+    pdl: bool = True
 
 
 # The place to tune (benchmarks/bench_attention_gpu.py --tune sweeps alternatives). Decode is
 # bandwidth-bound: a 64-key tile of a 128-wide head is 16 KiB per K or V; num_stages 3 keeps
-# two K/V tiles in flight per program (70 KiB of shared memory at d=128: three programs per
-# SM). Rows are contiguous along head_dim, so loads are 16-byte cp.async.
+# two K/V tiles in flight per program (70 KiB of shared memory at d=128: three programs fit an
+# SM). Two programs per SM: one wave, each with enough tiles to hide its start-up latency
+# (H200, B=1: 32K 22.6 us against 23.9 with three per SM and 25.7 with four, which spill
+# into a second wave). Rows are contiguous along head_dim, so loads are 16-byte cp.async.
 DECODE_CONFIGS: dict[int, DecodeConfig] = {
-    64: DecodeConfig(block_n=64, num_warps=4, num_stages=3),
-    128: DecodeConfig(block_n=64, num_warps=4, num_stages=3),
+    16: DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2),
+    32: DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2),
+    64: DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2),
+    128: DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2),
+    256: DecodeConfig(block_n=32, num_warps=4, num_stages=3, programs_per_sm=2),
 }
-INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=32, num_warps=4, num_stages=1)
-PROGRAMS_PER_SM = 8
+INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=32, num_warps=4, num_stages=1, pdl=False)
 MIN_PARTITION = 256
-MAX_PARTITION = 8192
+MAX_PARTITION = 16384
 REDUCE_BLOCK_D = 32  # head_dim slice per reduce program
-REDUCE_MAX_BLOCK_P = 256  # partitions merged per loop step
+REDUCE_BLOCK_P = 64  # partitions merged per loop step (fixed: no recompile per context size)
 
 
 def decode_config(head_dim: int) -> DecodeConfig:
-    if interpreting():
+    if _INTERPRET:
         return INTERPRET_DECODE_CONFIG
     if head_dim not in DECODE_CONFIGS:
         raise ValueError(
@@ -90,12 +109,22 @@ def _num_sms(device: torch.device) -> int:
 
 
 def default_partition_size(
-    max_context: int, batch: int, num_kv_heads: int, device: torch.device, block_n: int
+    max_context: int,
+    batch: int,
+    num_kv_heads: int,
+    device: torch.device,
+    block_n: int,
+    programs_per_sm: int = 2,
 ) -> int:
-    """Keys per partition: enough programs to fill the GPU, each with several tiles."""
-    target = _num_sms(device) * PROGRAMS_PER_SM
-    per_program = max(1, max_context * batch * num_kv_heads // target)
-    size = triton.next_power_of_2(per_program)
+    """Keys per partition: the fewest partitions per sequence that still give every SM
+    programs_per_sm programs for a batch of max_context contexts, so that the grid is one
+    wave without a short second one (B=8 x 128K: 8 partitions of 16K, 256 programs, rather
+    than 9 with the last one short and 24 programs in a second wave). A multiple of block_n
+    within [MIN_PARTITION, MAX_PARTITION]."""
+    slots = _num_sms(device) * programs_per_sm
+    parts = max(1, slots // (batch * num_kv_heads))
+    size = -(-max_context // parts)
+    size = -(-size // block_n) * block_n
     return max(MIN_PARTITION, block_n, min(MAX_PARTITION, size))
 
 
@@ -105,6 +134,12 @@ def default_partition_size(
 
 
 @triton.jit
+def _dca_part_of(key, pos, chunk_len):
+    """DCA part (0 inter, 1 successive, 2 intra) of key position key for the query at pos."""
+    return 2 - tl.minimum(pos // chunk_len - key // chunk_len, 2)
+
+
+@triton.jit(do_not_specialize=["partition_size", "max_keys", "stride_bt", "stride_pb", "stride_lb"])
 def _paged_decode_kernel(
     Q,
     K,
@@ -119,6 +154,7 @@ def _paged_decode_kernel(
     chunk_len,
     chunk_size,
     partition_size,
+    max_keys,
     stride_qb,
     stride_qh,
     stride_kb,
@@ -141,7 +177,10 @@ def _paged_decode_kernel(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
     FAST_TRIG: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # let the reduce's programs be placed as soon as SMs free up
+        gdc_launch_dependents()
     # -- program set-up: one partition of one sequence, all q heads of one kv head
     part_id = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -149,6 +188,8 @@ def _paged_decode_kernel(
     ctx = tl.load(CTX + seq).to(tl.int32)
     p_lo = part_id * partition_size
     p_hi = tl.minimum(p_lo + partition_size, ctx)
+    # block-table entries are read up to a bound that does not wait for ctx to arrive
+    page_hi = tl.minimum(p_lo + partition_size, max_keys)
     offs_g = tl.arange(0, BLOCK_G)
     g_ok = offs_g < GROUPS
     heads = (kv_head * GROUPS + offs_g).to(tl.int64)
@@ -156,41 +197,41 @@ def _paged_decode_kernel(
     K += kv_off
     V += kv_off
     BT += seq.to(tl.int64) * stride_bt
+    Qb = Q + seq.to(tl.int64) * stride_qb
     pos = ctx - 1  # the query is the newest cached token
     pos_g = pos + tl.zeros([BLOCK_G], dtype=tl.int32)
     row_scale = _yarn_row_scale(pos_g, qk_scale, yarn_inv_orig, YARN)
 
-    # -- online softmax over the partition's keys, part by part
+    # -- online softmax over the parts the partition meets (keys ascend: inter, succ, intra)
     acc, m_i, l_i = _init_state(BLOCK_G, HEAD_DIM)
-    NUM_PARTS: tl.constexpr = 3 if DCA else 1
-    for part in range(NUM_PARTS):
+    if DCA:
+        part_first = _dca_part_of(p_lo, pos, chunk_len)
+        part_last = tl.where(p_lo < p_hi, _dca_part_of(p_hi - 1, pos, chunk_len), -1)
+    else:
+        part_first = 0
+        part_last = 0
+    for part in range(part_first, part_last + 1):
         lo, hi, rot = _part_ranges(part, pos, p_lo, p_hi, chunk_len, chunk_size, True, DCA)
         q = _load_query(
-            Q + seq.to(tl.int64) * stride_qb,
-            heads,
-            g_ok,
-            stride_qh,
-            rot + 0 * pos_g,
-            INV_FREQ,
-            row_scale,
-            HEAD_DIM,
-            ROPE,
-            FAST_TRIG,
+            Qb, heads, g_ok, stride_qh, rot + 0 * pos_g, INV_FREQ, HEAD_DIM, ROPE, FAST_TRIG, UPCAST
         )
-        if not UPCAST:
-            q = q.to(K.dtype.element_ty)
         acc, m_i, l_i = _attend_tiles(
             acc,
             m_i,
             l_i,
             q,
+            row_scale,
             K,
             V,
+            None,
+            None,
             BT,
+            0,
             stride_kb,
             stride_ks,
             (lo // BLOCK_N) * BLOCK_N,
             hi,
+            page_hi,
             lo,
             hi,
             lo + 0 * pos_g,
@@ -202,6 +243,7 @@ def _paged_decode_kernel(
             HEAD_DIM,
             UPCAST,
             DOT_PREC,
+            False,
         )
 
     # -- partial results: out_part [B, Hq, P, D], lse_part [B, Hq, P]
@@ -213,7 +255,9 @@ def _paged_decode_kernel(
     tl.store(LSE_PART + lbase, lse, mask=g_ok)
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["partition_size", "stride_pb", "stride_lb", "stride_lh", "stride_lse_h"]
+)
 def _decode_reduce_kernel(
     O_PART,
     LSE_PART,
@@ -231,6 +275,7 @@ def _decode_reduce_kernel(
     stride_lse_h,
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # one (head, sequence, BLOCK_D slice of head_dim): many small programs, so the merge of
     # a few hundred partitions is not a latency-bound loop on a handful of SMs
@@ -243,6 +288,8 @@ def _decode_reduce_kernel(
     offs_d = d_blk * BLOCK_D + tl.arange(0, BLOCK_D)
     LSE_PART += seq.to(tl.int64) * stride_lb + head * stride_lh
     O_PART += seq.to(tl.int64) * stride_pb + head * stride_ph
+    if USE_PDL:  # the partials of the partial kernel are visible past this point
+        gdc_wait()
 
     # -- pass 1: the largest partial lse
     m = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
@@ -277,7 +324,9 @@ def _decode_reduce_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Host side
+# Host side. paged_decode runs once per layer per decode step (28 times a token for a 7B
+# model): the launch arguments of a (shapes, strides, variant, config) combination are
+# computed once into a _DecodePlan, scratch buffers are reused, and nothing syncs.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -290,6 +339,30 @@ def decode_workspace(
         torch.empty((*shape, head_dim), dtype=torch.float32, device=device),
         torch.empty(shape, dtype=torch.float32, device=device),
     )
+
+
+# Scratch reused across eager calls of one shape. Calls are ordered on the stream they run
+# on, so one buffer serves every layer of a step; a caller running decodes concurrently on
+# several streams must pass its own workspace.
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_MAX_WORKSPACES = 16
+
+
+def _shared_workspace(
+    batch: int, num_heads: int, head_dim: int, parts: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached scratch, except while a CUDA graph is captured: the graph then gets its own
+    (from its memory pool), since a shared buffer could later be evicted and handed to other
+    tensors while replays still write it."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return decode_workspace(batch, num_heads, head_dim, parts, device)
+    key = (device, batch, num_heads, head_dim, parts)
+    work = _WORKSPACES.get(key)
+    if work is None:
+        if len(_WORKSPACES) >= _MAX_WORKSPACES:
+            _WORKSPACES.pop(next(iter(_WORKSPACES)))  # oldest first
+        work = _WORKSPACES[key] = decode_workspace(batch, num_heads, head_dim, parts, device)
+    return work
 
 
 def _check_decode_inputs(
@@ -315,6 +388,104 @@ def _check_decode_inputs(
         raise ValueError(f"q/k/v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("q and the caches must be contiguous along head_dim")
+
+
+@dataclass(frozen=True)
+class _DecodePlan:
+    """Everything of a launch that depends only on shapes, strides, variant and config."""
+
+    partition_size: int
+    parts: int
+    max_keys: int
+    partial_grid: tuple[int, int, int]
+    reduce_grid: tuple[int, int, int]
+    partial_consts: dict
+    reduce_consts: dict
+
+
+def _make_plan(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    max_context: int | None,
+    partition_size: int | None,
+    cfg: DecodeConfig,
+    rope: bool,
+    dca: bool,
+    yarn: bool,
+) -> _DecodePlan:
+    b, hq, d = q.shape
+    page, hkv = k_cache.shape[1], k_cache.shape[2]
+    max_keys = block_table.shape[1] * page
+    max_context = max_context or max_keys
+    size = partition_size or default_partition_size(
+        max_context, b, hkv, q.device, cfg.block_n, cfg.programs_per_sm
+    )
+    if size % cfg.block_n:
+        raise ValueError(f"partition_size {size} must be a multiple of block_n {cfg.block_n}")
+    parts = -(-max_context // size)
+    upcast, dot_prec = dtype_flags(q.dtype)
+    groups = hq // hkv
+    pdl = cfg.pdl and not _INTERPRET and q.is_cuda
+    partial_consts = dict(
+        GROUPS=groups,
+        BLOCK_G=max(16, triton.next_power_of_2(groups)),
+        HEAD_DIM=d,
+        BLOCK_N=cfg.block_n,
+        PAGE_SIZE=page,
+        ROPE=rope,
+        DCA=dca,
+        YARN=yarn,
+        UPCAST=upcast,
+        DOT_PREC=dot_prec,
+        FAST_TRIG=not _INTERPRET,
+        USE_PDL=pdl,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    block_d = min(d, REDUCE_BLOCK_D)
+    reduce_consts = dict(BLOCK_D=block_d, BLOCK_P=REDUCE_BLOCK_P, USE_PDL=pdl, num_warps=4)
+    if pdl:
+        reduce_consts["launch_pdl"] = True
+    return _DecodePlan(
+        size, parts, max_keys, (parts, hkv, b), (hq, b, d // block_d), partial_consts, reduce_consts
+    )
+
+
+_PLANS: dict[tuple, _DecodePlan] = {}
+
+
+def _plan(q, k_cache, v_cache, block_table, context_lens, max_context, partition_size, cfg, var):
+    """Cached _DecodePlan; the inputs are validated when their layout is first seen."""
+    key = (
+        q.shape,
+        q.stride(),
+        q.dtype,
+        q.device,
+        k_cache.shape,
+        k_cache.stride(),
+        v_cache.shape,
+        v_cache.stride(),
+        v_cache.dtype,
+        block_table.shape,
+        context_lens.shape,
+        max_context,
+        partition_size,
+        cfg,
+        var.rope,
+        var.dca,
+        var.yarn,
+    )
+    plan = _PLANS.get(key)
+    if plan is None:
+        _check_decode_inputs(q, k_cache, v_cache, block_table, context_lens)
+        plan = _make_plan(
+            q, k_cache, block_table, max_context, partition_size, cfg, var.rope, var.dca, var.yarn
+        )
+        if len(_PLANS) >= 256:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
 
 
 def paged_decode(
@@ -343,18 +514,15 @@ def paged_decode(
     context_lens - 1 (or at its DCA positions with dca). max_context (host int, static per
     CUDA-graph bucket) bounds every context_lens[b]; default block_table.shape[1] * page.
     out/lse: optional preallocated results; workspace: optional (out_part [B, Hq, P, D],
-    lse_part [B, Hq, P]) float32 buffers, P = cdiv(max_context, partition_size).
+    lse_part [B, Hq, P]) float32 buffers, P = cdiv(max_context, partition_size); by default
+    a scratch shared by eager calls of the same shape on one stream.
     """
-    _check_decode_inputs(q, k_cache, v_cache, block_table, context_lens)
+    cfg = config or decode_config(q.shape[2])
+    var = make_variant(q.shape[2], q.device, rope_theta, dca, yarn_original_max)
+    plan = _plan(
+        q, k_cache, v_cache, block_table, context_lens, max_context, partition_size, cfg, var
+    )
     b, hq, d = q.shape
-    page, hkv = k_cache.shape[1], k_cache.shape[2]
-    cfg = config or decode_config(d)
-    max_context = max_context or block_table.shape[1] * page
-    size = partition_size or default_partition_size(max_context, b, hkv, q.device, cfg.block_n)
-    if size % cfg.block_n:
-        raise ValueError(f"partition_size {size} must be a multiple of block_n {cfg.block_n}")
-    var = make_variant(d, q.device, rope_theta, dca, yarn_original_max)
-    parts = triton.cdiv(max_context, size)
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty((hq, b), dtype=torch.float32, device=q.device) if lse is None else lse
     if out.shape != q.shape or lse.shape != (hq, b) or out.stride(-1) != 1:
@@ -362,23 +530,32 @@ def paged_decode(
     if b == 0:
         return out, lse
     if workspace is None:
-        workspace = decode_workspace(b, hq, d, parts, q.device)
+        workspace = _shared_workspace(b, hq, d, plan.parts, q.device)
     o_part, lse_part = workspace
-    if o_part.shape != (b, hq, parts, d) or lse_part.shape != (b, hq, parts):
+    if o_part.shape != (b, hq, plan.parts, d) or lse_part.shape != (b, hq, plan.parts):
         raise ValueError(
             f"workspace shapes {tuple(o_part.shape)}, {tuple(lse_part.shape)} "
-            f"do not fit B={b}, Hq={hq}, P={parts}, D={d}"
+            f"do not fit B={b}, Hq={hq}, P={plan.parts}, D={d}"
         )
     if o_part.stride(-1) != 1 or lse_part.stride(-1) != 1:
         raise ValueError("workspace buffers must be contiguous in their last dimension")
-    upcast, dot_prec = dtype_flags(q.dtype)
-    groups = hq // hkv
-    _paged_decode_kernel[(parts, hkv, b)](
+    _launch_decode(
+        q, k_cache, v_cache, block_table, context_lens, out, lse, o_part, lse_part, scale, var, plan
+    )
+    return out, lse
+
+
+def _launch_decode(
+    q, k_cache, v_cache, block_table, ctx, out, lse, o_part, lse_part, scale, var, plan
+):
+    q_strides, k_strides = q.stride(), k_cache.stride()
+    p_strides, l_strides = o_part.stride(), lse_part.stride()
+    _paged_decode_kernel[plan.partial_grid](
         q,
         k_cache,
         v_cache,
         block_table,
-        context_lens,
+        ctx,
         o_part,
         lse_part,
         var.inv_freq if var.rope else q,
@@ -386,50 +563,36 @@ def paged_decode(
         var.yarn_inv_orig,
         var.dca_chunk_len,
         var.dca_chunk_size,
-        size,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
+        plan.partition_size,
+        plan.max_keys,
+        q_strides[0],
+        q_strides[1],
+        k_strides[0],
+        k_strides[1],
+        k_strides[2],
         block_table.stride(0),
-        o_part.stride(0),
-        o_part.stride(1),
-        o_part.stride(2),
-        lse_part.stride(0),
-        lse_part.stride(1),
-        GROUPS=groups,
-        BLOCK_G=max(16, triton.next_power_of_2(groups)),
-        HEAD_DIM=d,
-        BLOCK_N=cfg.block_n,
-        PAGE_SIZE=page,
-        ROPE=var.rope,
-        DCA=var.dca,
-        YARN=var.yarn,
-        UPCAST=upcast,
-        DOT_PREC=dot_prec,
-        FAST_TRIG=not interpreting(),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        p_strides[0],
+        p_strides[1],
+        p_strides[2],
+        l_strides[0],
+        l_strides[1],
+        **plan.partial_consts,
     )
-    block_d = min(d, REDUCE_BLOCK_D)
-    _decode_reduce_kernel[(hq, b, d // block_d)](
+    out_strides = out.stride()
+    _decode_reduce_kernel[plan.reduce_grid](
         o_part,
         lse_part,
-        context_lens,
+        ctx,
         out,
         lse,
-        size,
-        o_part.stride(0),
-        o_part.stride(1),
-        o_part.stride(2),
-        lse_part.stride(0),
-        lse_part.stride(1),
-        out.stride(0),
-        out.stride(1),
+        plan.partition_size,
+        p_strides[0],
+        p_strides[1],
+        p_strides[2],
+        l_strides[0],
+        l_strides[1],
+        out_strides[0],
+        out_strides[1],
         lse.stride(0),
-        BLOCK_D=block_d,
-        BLOCK_P=min(REDUCE_MAX_BLOCK_P, triton.next_power_of_2(parts)),
-        num_warps=4,
+        **plan.reduce_consts,
     )
-    return out, lse
