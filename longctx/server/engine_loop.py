@@ -24,6 +24,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from longctx.engine.llm_engine import LLMEngine
 from longctx.engine.outputs import RequestOutput
 from longctx.sampling_params import SamplingParams
@@ -71,6 +73,9 @@ class EngineLoop:
         self._stats = EngineStats(blocks_total=engine.scheduler.blocks.num_blocks)
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
+        # OpenMP thread counts are per thread: the engine thread would not inherit a
+        # torch.set_num_threads made on the main thread (it would use every core).
+        self._torch_threads = torch.get_num_threads()
         self._stop_lock = threading.Lock()  # no add may slip in after the final drain
 
     # --- lifecycle (any thread) ---------------------------------------------------------------
@@ -110,6 +115,7 @@ class EngineLoop:
 
     # --- the thread ---------------------------------------------------------------------------
     def _run(self) -> None:
+        torch.set_num_threads(self._torch_threads)
         try:
             while self._handle_commands(block=not self.engine.has_unfinished()):
                 if self.engine.has_unfinished():
