@@ -98,7 +98,8 @@ def main() -> None:
     notes = (
         "Default model (Qwen2.5-Coder-0.5B-Instruct, GGUF dequantized to float32) on the CPU; "
         "transformers loads the same GGUF, SDPA attention, logits_to_keep=1 for prefill; "
-        f"best of {args.repeats}; longctx with its defaults (prefill chunks of 4096 tokens)."
+        f"best of {args.repeats}; longctx with its defaults (CPU prefill chunks of up to 8192 "
+        "tokens)."
     )
     write_results(out_dir(args.out), "e2e_cpu", environment(), rows, notes)
 

@@ -82,6 +82,7 @@ def ours_decode_tps(llm: LLM, batch: int, ctx: int, steps: int, vocab: int) -> f
     prompts = [prompt(ctx, vocab, seed=s) for s in range(batch)]
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     many = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
+    llm.generate(prompts, many)  # warm-up: first use of this batch size's kernels
     t1 = timed(lambda: llm.generate(prompts, one))
     tn = timed(lambda: llm.generate(prompts, many))
     return batch * steps / (tn - t1)

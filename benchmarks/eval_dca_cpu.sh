@@ -9,7 +9,8 @@
 # run leaves what it finished; rerunning the script resumes.
 #
 #   nohup bash benchmarks/eval_dca_cpu.sh > benchmarks/results/dca/eval_dca_cpu.log 2>&1 &
-#   bash benchmarks/eval_dca_cpu.sh a      # only (a); "b" for only (b)
+#   bash benchmarks/eval_dca_cpu.sh a      # only (a); "b" for only (b); "b1" / "b2": (b) at
+#                                          # depth 0.5 / at the other depths
 set -u
 cd "$(dirname "$0")/.."
 OUT=benchmarks/results/dca
@@ -31,12 +32,14 @@ if [[ $PART == *a* ]]; then
     step passkey_8k_clamp2048 --lengths 8192 --depths 0.1,0.5,0.9 --samples 3 \
         --positions-clamp 2048
 fi
-if [[ $PART == *b* ]]; then
-    DCA64=(--lengths 65536 --samples 1 --dca-chunk-size 32768 --dca-local-size 8192)
-    ROPE64=(--lengths 65536 --samples 1 --kv-cache-gib 6)
-    step passkey_64k_dca "${DCA64[@]}" --depths 0.5 --kv-cache-gib 6
+DCA64=(--lengths 65536 --samples 1 --dca-chunk-size 32768 --dca-local-size 8192 --kv-cache-gib 6)
+ROPE64=(--lengths 65536 --samples 1 --kv-cache-gib 6)
+if [[ $PART == *b* && $PART != *b2* ]]; then  # depth 0.5, both
+    step passkey_64k_dca "${DCA64[@]}" --depths 0.5
     step passkey_64k_rope "${ROPE64[@]}" --depths 0.5
-    step passkey_64k_dca "${DCA64[@]}" --depths 0.1,0.5,0.9 --kv-cache-gib 6
+fi
+if [[ $PART == *b* && $PART != *b1* ]]; then  # the other depths (resumes)
+    step passkey_64k_dca "${DCA64[@]}" --depths 0.1,0.5,0.9
     step passkey_64k_rope "${ROPE64[@]}" --depths 0.1,0.5,0.9
 fi
 echo "=== $(date -u +%FT%TZ) done"

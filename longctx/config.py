@@ -217,6 +217,20 @@ def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None)
     return _DTYPES[name]
 
 
+# KV-cache storage: "auto" = the compute dtype; "fp8" (= "fp8_e4m3"): float8_e4m3fn values
+# with a float32 scale per token and kv head (longctx/layers/attention/kv_quant.py).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def resolve_kv_cache_dtype(name: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the KV cache stores k and v in."""
+    if name not in KV_CACHE_DTYPES:
+        raise ConfigError(
+            f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {name!r}"
+        )
+    return compute_dtype if name == "auto" else torch.float8_e4m3fn
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How the engine runs a model.
@@ -225,23 +239,30 @@ class EngineConfig:
     tokens), hence activation memory, whatever the prompt length.
     kv_cache_gib: KV memory on the CPU; on CUDA, gpu_memory_utilization of the free memory
     (after weights) goes to the cache unless kv_cache_gib is given.
+    kv_cache_dtype: "auto" (the compute dtype) or "fp8" / "fp8_e4m3" (e4m3 values with a
+    float32 scale per token and kv head: about half the memory, so twice the tokens).
     """
 
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None
-    block_size: int = 64
+    block_size: int | None = None  # None: 128 on CUDA (the tuned kernel tile), 64 on the CPU
     kv_cache_gib: float | None = None
     gpu_memory_utilization: float = 0.9
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
     device: str | None = None
     attention_backend: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs for decode
+    # Queue step t+1 before waiting for step t (longctx.engine.llm_engine); None: on for CUDA.
+    async_scheduling: bool | None = None
     seed: int = 0
     sparse: SparseConfig | None = None  # sparse prefill (longctx.sparse); None: dense
 
     def __post_init__(self) -> None:
-        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+        if self.block_size is not None and (
+            self.block_size <= 0 or self.block_size & (self.block_size - 1)
+        ):
             raise ConfigError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.max_num_seqs <= 0:
             raise ConfigError("max_num_seqs must be positive")
@@ -253,3 +274,4 @@ class EngineConfig:
             raise ConfigError("kv_cache_gib must be positive")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+        resolve_kv_cache_dtype(self.kv_cache_dtype, torch.float32)  # refuses unknown names

@@ -17,3 +17,26 @@ def device_under_test() -> torch.device:
 # tests/gpu holds what only a CUDA device can run (CUDA graphs, kernel speed paths); they are run
 # on the GPU machine (`pytest tests/gpu`) and not collected at all elsewhere.
 collect_ignore_glob = [] if torch.cuda.is_available() else ["gpu/*"]
+
+
+def tiny_config_file(directory, **overrides):
+    """Write the config.json of a tiny random Qwen2 (2 layers, GQA 4/2, head_dim 8) into
+    directory, with overrides; returns its path."""
+    import json
+    from pathlib import Path
+
+    cfg = dict(
+        architectures=["Qwen2ForCausalLM"],
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+    )
+    cfg.update(overrides)
+    path = Path(directory) / "config.json"
+    path.write_text(json.dumps(cfg))
+    return path

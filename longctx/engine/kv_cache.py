@@ -8,6 +8,7 @@ import torch
 
 from longctx.config import ModelConfig
 from longctx.layers.attention import KVCache
+from longctx.layers.attention.kv_quant import is_fp8
 
 
 class BlockAllocator:
@@ -65,14 +66,35 @@ class BlockManager:
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Cache bytes per token for k/v stored in dtype: an fp8 cache also holds a float32 scale
+    per token, kv head, layer and k/v."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
+    heads = 2 * config.num_layers * config.num_kv_heads
+    scales = heads * 4 if is_fp8(dtype) else 0
+    return heads * config.head_dim * itemsize + scales
 
 
 def allocate_kv_caches(
     config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[KVCache, ...]:
-    """One allocation for all layers; torch.empty so untouched CPU pages cost nothing."""
+    """One allocation for all layers (and one for an fp8 cache's scales); torch.empty so
+    untouched CPU pages cost nothing. dtype: what k/v are stored in."""
     shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
     storage = torch.empty(shape, dtype=dtype, device=device)
-    return tuple(KVCache(k=storage[i, 0], v=storage[i, 1]) for i in range(config.num_layers))
+    if not is_fp8(dtype):
+        return tuple(KVCache(k=storage[i, 0], v=storage[i, 1]) for i in range(config.num_layers))
+    scales = torch.empty(shape[:-1], dtype=torch.float32, device=device)
+    return tuple(
+        KVCache(k=storage[i, 0], v=storage[i, 1], k_scale=scales[i, 0], v_scale=scales[i, 1])
+        for i in range(config.num_layers)
+    )
+
+
+def kv_cache_bytes(caches: tuple[KVCache, ...]) -> int:
+    """Bytes the caches hold (values and scales)."""
+    total = 0
+    for c in caches:
+        for t in (c.k, c.v, c.k_scale, c.v_scale):
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 import torch
 
 from longctx.config import DCAConfig, EngineConfig, ModelConfig, resolve_dtype
 from longctx.engine.kv_cache import BlockManager, blocks_for
-from longctx.engine.model_runner import ModelRunner
+from longctx.engine.model_runner import LaunchedStep, ModelRunner
 from longctx.engine.outputs import RequestOutput
-from longctx.engine.scheduler import Scheduler
+from longctx.engine.scheduler import ScheduledBatch, Scheduler
 from longctx.engine.sequence import Sequence
 from longctx.errors import ConfigError, OutOfKVMemoryError, PromptTooLongError
 from longctx.loading.checkpoint import Checkpoint
 from longctx.sampling_params import SamplingParams
 from longctx.tokenizer import IncrementalDetokenizer
 
-CPU_DEFAULT_BATCHED_TOKENS = 4096
+CPU_DEFAULT_BATCHED_TOKENS = 8192
 CUDA_DEFAULT_BATCHED_TOKENS = 32768
 DCA_DEFAULT_MAX_MODEL_LEN = 1_048_576  # DCA runs far past the trained length
 
@@ -33,6 +35,18 @@ def default_max_model_len(model: ModelConfig) -> int:
     return model.max_position_embeddings
 
 
+CUDA_DEFAULT_BLOCK_SIZE = 128  # the Triton kernels' key tile: one page per tile
+CPU_DEFAULT_BLOCK_SIZE = 64
+
+
+def default_block_size(device: torch.device, dca: DCAConfig | None) -> int:
+    """The preferred block size, halved until it divides DCA's chunk length (if it can)."""
+    size = CUDA_DEFAULT_BLOCK_SIZE if device.type == "cuda" else CPU_DEFAULT_BLOCK_SIZE
+    while dca is not None and dca.chunk_len % size and size > 16:
+        size //= 2
+    return size
+
+
 def check_dca_block_size(dca: DCAConfig, block_size: int) -> None:
     # DCA chunk boundaries must fall on KV-block boundaries (kernels handle a block as a unit).
     if dca.chunk_len % block_size:
@@ -43,6 +57,12 @@ def check_dca_block_size(dca: DCAConfig, block_size: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class InFlight:
+    step: LaunchedStep
+    starts: tuple[int, ...]  # each sequence's num_computed_tokens when the step was scheduled
+
+
 class LLMEngine:
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig) -> None:
         self.checkpoint = checkpoint
@@ -50,6 +70,10 @@ class LLMEngine:
         self.tokenizer = checkpoint.tokenizer
         self.device = torch.device(config.device) if config.device else default_device()
         self.dtype = resolve_dtype(config.dtype, self.device, self.model_config.torch_dtype)
+        if config.block_size is None:
+            config = dataclasses.replace(
+                config, block_size=default_block_size(self.device, self.model_config.dca)
+            )
         if self.model_config.dca is not None:
             check_dca_block_size(self.model_config.dca, config.block_size)
         self.max_model_len = config.max_model_len or default_max_model_len(self.model_config)
@@ -77,6 +101,12 @@ class LLMEngine:
         self._ids = itertools.count()
         self._seqs: dict[str, Sequence] = {}
         self._default_gen = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.async_scheduling = (
+            config.async_scheduling
+            if config.async_scheduling is not None
+            else self.device.type == "cuda"
+        )
+        self._inflight: InFlight | None = None
 
     # --- requests -------------------------------------------------------------------------
     def encode(self, prompt: str | Seq[int]) -> list[int]:
@@ -143,30 +173,75 @@ class LLMEngine:
             self.scheduler.finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # --- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one step; returns the outputs it completed.
+
+        Synchronous: schedule, run, wait, update. Asynchronous (the default on CUDA): schedule
+        and queue step t+1 first, then wait for step t and update from it (sampling, stop
+        checks, detokenization), so that host work hides behind the device's work. Outputs then
+        trail the device by one step, and a sequence that stops at step t has also been given a
+        step t+1, whose token is dropped.
+        """
         batch = self.scheduler.schedule()
-        if batch is None:
-            return []
-        result = self.runner.execute(batch)
-        outputs = []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            if result.prompt_logprobs[i] is not None:
-                self._record_prompt_logprobs(seq, result.prompt_logprobs[i])
+        if not self.async_scheduling:
+            return self._complete(self._launch(batch)) if batch is not None else []
+        done, self._inflight = self._inflight, None
+        try:
+            if batch is not None:
+                self._inflight = self._launch(batch, prev=done)
+            return self._complete(done) if done is not None else []
+        except BaseException:
+            self._drop(self._inflight)
+            self._drop(done)
+            self._inflight = None
+            raise
+
+    def _launch(self, batch: ScheduledBatch, prev: InFlight | None = None) -> InFlight:
+        starts = tuple(s.num_computed_tokens for s in batch.seqs)
+        launched = self.runner.launch(batch, prev.step if prev is not None else None)
+        for j, i in enumerate(launched.sampling):
+            seq = batch.seqs[i]
+            seq.num_pending += 1
+            seq.pending_row = j
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            if result.token_ids[i] is not None:
+        return InFlight(launched, starts)
+
+    def _complete(self, done: InFlight) -> list[RequestOutput]:
+        result = done.step.result()
+        outputs = []
+        batch = done.step.batch
+        for i, seq in enumerate(batch.seqs):
+            sampled = result.token_ids[i] is not None
+            if sampled:
+                seq.num_pending -= 1
+            if seq.is_finished:  # stopped (or aborted) while this step was in flight
+                continue
+            if result.prompt_logprobs[i] is not None:
+                self._record_prompt_logprobs(seq, result.prompt_logprobs[i], done.starts[i])
+            if sampled:
                 self._append(seq, result.token_ids[i], result.logprobs[i])
             outputs.append(self._output(seq))
             if seq.is_finished:
                 self._seqs.pop(seq.request_id, None)
         return outputs
 
-    def _record_prompt_logprobs(self, seq: Sequence, lps: list[dict[int, float]]) -> None:
+    @staticmethod
+    def _drop(step: InFlight | None) -> None:
+        """Forget a step whose results will never be read (its requests are failed)."""
+        if step is None:
+            return
+        for i in step.step.sampling:
+            seq = step.step.batch.seqs[i]
+            seq.num_pending = max(0, seq.num_pending - 1)
+
+    @staticmethod
+    def _record_prompt_logprobs(seq: Sequence, lps: list[dict[int, float]], start: int) -> None:
         # After a preemption the prompt is recomputed: keep what was recorded the first time.
         known = len(seq.prompt_logprobs) - 1
-        start = seq.num_computed_tokens
         seq.prompt_logprobs.extend(lps[max(0, known - start) :])
 
     def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> None:
@@ -186,7 +261,7 @@ class LLMEngine:
             elif params.stop and self._cut_stop_string(seq):
                 reason = "stop"
         if reason is None and (
-            produced >= params.max_tokens or seq.num_tokens >= seq.max_model_len
+            produced >= params.max_tokens or len(seq.token_ids) >= seq.max_model_len
         ):
             reason = "length"
         if reason is not None:

@@ -53,6 +53,8 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0 or seq not in self.running:
                 continue
+            if seq.num_pending and seq.will_stop_on_length:
+                continue  # its last token is in flight: nothing more to compute
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if self._reserve(seq, n):
                 chosen.append((seq, n))

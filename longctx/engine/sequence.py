@@ -17,7 +17,13 @@ class SequenceStatus(enum.Enum):
 
 @dataclass
 class Sequence:
-    """One request's state. Scheduling is catch-up: num_computed_tokens runs to num_tokens."""
+    """One request's state. Scheduling is catch-up: num_computed_tokens runs to num_tokens.
+
+    With asynchronous scheduling a sampled token reaches the host a step after the device made
+    it: num_pending counts those tokens (0, 1, or 2 for a moment), which already count in
+    num_tokens so the next step can be scheduled; pending_row is where the newest one sits in
+    the in-flight step's device tensor of sampled tokens.
+    """
 
     request_id: str
     prompt: str | None
@@ -35,6 +41,8 @@ class Sequence:
     streamed_chars: int = 0
     logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    num_pending: int = 0
+    pending_row: int = -1
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -42,7 +50,13 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
+
+    @property
+    def will_stop_on_length(self) -> bool:
+        """Whether the tokens known or in flight already reach max_tokens or max_model_len."""
+        produced = self.num_tokens - self.num_prompt_tokens
+        return produced >= self.params.max_tokens or self.num_tokens >= self.max_model_len
 
     @property
     def num_prompt_tokens(self) -> int:

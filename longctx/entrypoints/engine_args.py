@@ -24,6 +24,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="run decode eagerly (no CUDA graphs); for debugging",
     )
     g.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="queue step t+1 on the device before waiting for step t, hiding scheduling and "
+        "detokenization behind the GPU (default: on for CUDA, off for CPU)",
+    )
+    g.add_argument(
         "--random-weights",
         action="store_true",
         help="random weights for the architecture of --model (a model directory, a config.json, "
@@ -34,6 +41,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
         help="compute dtype (auto: float32 on CPU, bfloat16 on GPU)",
+    )
+    g.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8", "fp8_e4m3"],
+        help="KV-cache storage: auto (the compute dtype) or fp8 (= fp8_e4m3: e4m3 values with a "
+        "float32 scale per token and kv head; half the memory, twice the context)",
     )
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
     g.add_argument(
@@ -62,7 +76,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=0.9,
         help="share of GPU memory the engine may use (weights, activations, cache)",
     )
-    g.add_argument("--block-size", type=int, default=64, help="tokens per KV-cache block")
+    g.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="tokens per KV-cache block (default: 128 on CUDA, 64 on the CPU, halved until it "
+        "divides the DCA chunk length)",
+    )
     g.add_argument(
         "--attention-backend",
         default="auto",
@@ -153,7 +173,9 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model,
         random_weights=args.random_weights,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         dca=dca_from_args(args),
         sparse=sparse_from_args(args),
         device=args.device,

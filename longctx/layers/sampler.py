@@ -49,28 +49,71 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return probs
 
 
-def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> SampleResult:
-    """logits [R, V] float32 -> one token per row."""
+def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> DeviceSample:
+    """logits [R, V] float32 -> one token per row, left on the logits' device.
+
+    Nothing here waits for the device, so the engine can schedule the next step while this one
+    runs; `DeviceSample.to_host()` starts the copy back and `result()` waits for it.
+    """
     chosen = logits.argmax(dim=-1)
     for r, req in enumerate(requests):
         if not req.params.greedy:
             probs = _filtered_probs(logits[r], req.params)
             chosen[r] = torch.multinomial(probs, 1, generator=req.generator)[0]
-    want = [req.params.logprobs for req in requests]
-    lps: list[dict[int, float] | None] = [None] * len(requests)
-    if any(n is not None for n in want):
-        rows = [r for r, n in enumerate(want) if n is not None]
+    want = tuple(req.params.logprobs for req in requests)
+    rows = [r for r, n in enumerate(want) if n is not None]
+    top = None
+    if rows:
         logprobs = torch.log_softmax(logits[rows], dim=-1)
         width = max(want[r] for r in rows)
-        tops = top_logprobs(logprobs, width, chosen[rows])
-        for r, top in zip(rows, tops):
-            lps[r] = _trim(top, want[r], int(chosen[r]))
-    return SampleResult(token_ids=chosen.tolist(), logprobs=lps)
+        picked = chosen[rows]
+        vals, idx = logprobs.topk(width, dim=-1) if width > 0 else (None, None)
+        top = (tuple(rows), vals, idx, logprobs.gather(1, picked[:, None])[:, 0])
+    return DeviceSample(chosen, want, top)
 
 
-def _trim(top: dict[int, float], n: int, chosen: int) -> dict[int, float]:
-    """Keep the n best entries and the chosen token (rows share one top-k width)."""
-    best = sorted(top.items(), key=lambda kv: -kv[1])[:n]
-    kept = dict(best)
-    kept[chosen] = top[chosen]
-    return kept
+@dataclass
+class DeviceSample:
+    """Sampled tokens (and top logprobs) still on the device; see `sample`."""
+
+    token_ids: torch.Tensor  # [R] int64
+    want: tuple[int | None, ...]
+    # (rows that asked for logprobs, top values [r, N] | None, their ids, chosen logprob [r])
+    top: tuple[tuple[int, ...], torch.Tensor | None, torch.Tensor | None, torch.Tensor] | None
+    _event: torch.cuda.Event | None = None
+
+    def to_host(self) -> DeviceSample:
+        """Start copying to (pinned) host memory without waiting; `result()` waits."""
+        if self.token_ids.device.type != "cuda":
+            return self
+
+        def pinned(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return host.copy_(t, non_blocking=True)
+
+        top = None
+        if self.top is not None:
+            rows, vals, idx, chosen_lp = self.top
+            top = (rows, pinned(vals), pinned(idx), pinned(chosen_lp))
+        event = torch.cuda.Event()
+        out = DeviceSample(pinned(self.token_ids), self.want, top, event)
+        event.record()
+        return out
+
+    def result(self) -> SampleResult:
+        if self._event is not None:
+            self._event.synchronize()
+        tokens = self.token_ids.tolist()
+        lps: list[dict[int, float] | None] = [None] * len(tokens)
+        if self.top is not None:
+            rows, vals, idx, chosen_lp = self.top
+            for j, r in enumerate(rows):
+                entry = {}
+                if vals is not None:
+                    best = zip(idx[j, : self.want[r]].tolist(), vals[j, : self.want[r]].tolist())
+                    entry = dict(best)
+                entry[tokens[r]] = float(chosen_lp[j])
+                lps[r] = entry
+        return SampleResult(token_ids=tokens, logprobs=lps)

@@ -1,10 +1,9 @@
-import json
-
 import pytest
 
 from longctx import LLM, SamplingParams
 from longctx.errors import ConfigError
 from longctx.loading import builtin_config, random_checkpoint
+from tests.conftest import tiny_config_file
 
 
 def test_builtin_1m_configs_have_the_published_shapes():
@@ -16,19 +15,7 @@ def test_builtin_1m_configs_have_the_published_shapes():
 
 
 def test_random_weights_from_a_config_file(tmp_path):
-    cfg = dict(
-        architectures=["Qwen2ForCausalLM"],
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-    )
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(cfg))
+    path = tiny_config_file(tmp_path, max_position_embeddings=256)
     llm = LLM(model=path, random_weights=True, device="cpu", kv_cache_gib=0.01, block_size=16)
     out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     assert len(out[0].token_ids) == 5

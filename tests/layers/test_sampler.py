@@ -12,7 +12,7 @@ def gen(seed):
 def test_greedy_is_argmax_and_logprobs_are_log_softmax():
     logits = torch.randn(3, 50)
     req = SampleRequest(SamplingParams(temperature=0, logprobs=4), None)
-    res = sample(logits.clone(), [req] * 3)
+    res = sample(logits.clone(), [req] * 3).to_host().result()
     assert res.token_ids == logits.argmax(-1).tolist()
     ref = torch.log_softmax(logits, -1)
     for r in range(3):
@@ -25,7 +25,7 @@ def test_greedy_is_argmax_and_logprobs_are_log_softmax():
 def test_logprobs_include_chosen_token_outside_top_n():
     logits = torch.tensor([[0.0, 5.0, 4.0, 3.0]])
     req = SampleRequest(SamplingParams(temperature=1.0, top_k=1, logprobs=0), gen(0))
-    res = sample(logits, [req])
+    res = sample(logits, [req]).result()
     assert res.token_ids == [1] and list(res.logprobs[0]) == [1]
 
 
@@ -46,7 +46,7 @@ def test_sampling_frequencies_follow_the_distribution():
     req = SampleRequest(SamplingParams(temperature=1.0), gen(1))
     counts = torch.zeros(3)
     for _ in range(3000):
-        counts[sample(logits[None].clone(), [req]).token_ids[0]] += 1
+        counts[sample(logits[None].clone(), [req]).result().token_ids[0]] += 1
     assert torch.allclose(counts / 3000, torch.tensor([0.5, 0.3, 0.2]), atol=0.03)
 
 
@@ -54,6 +54,20 @@ def test_sampling_frequencies_follow_the_distribution():
 def test_seeded_rows_do_not_depend_on_the_batch(temperature):
     logits = torch.randn(4, 100)
     params = SamplingParams(temperature=temperature)
-    alone = sample(logits[2:3].clone(), [SampleRequest(params, gen(7))]).token_ids[0]
+    alone = sample(logits[2:3].clone(), [SampleRequest(params, gen(7))]).result().token_ids[0]
     reqs = [SampleRequest(params, gen(s)) for s in (1, 2, 7, 3)]
-    assert sample(logits.clone(), reqs).token_ids[2] == alone
+    assert sample(logits.clone(), reqs).result().token_ids[2] == alone
+
+
+def test_mixed_logprob_widths_keep_each_rows_own_n():
+    logits = torch.randn(3, 40)
+    reqs = [
+        SampleRequest(SamplingParams(temperature=0, logprobs=5), None),
+        SampleRequest(SamplingParams(temperature=0), None),
+        SampleRequest(SamplingParams(temperature=0, logprobs=1), None),
+    ]
+    res = sample(logits.clone(), reqs).to_host().result()
+    ref = torch.log_softmax(logits, -1)
+    assert res.logprobs[1] is None
+    assert set(res.logprobs[0]) == set(ref[0].topk(5).indices.tolist())
+    assert set(res.logprobs[2]) == {int(ref[2].argmax())}

@@ -13,7 +13,7 @@ def hf():
     return tiny_hf_model(seed=11, head_dim=16)
 
 
-def run(hf, backend, dca=None, chunk=16):
+def run(hf, backend, dca=None, chunk=16, kv="auto"):
     llm = LLM(
         checkpoint=checkpoint_of(hf),
         dtype="float32",
@@ -23,6 +23,7 @@ def run(hf, backend, dca=None, chunk=16):
         max_num_batched_tokens=chunk,
         attention_backend=backend,
         dca=dca,
+        kv_cache_dtype=kv,
     )
     params = SamplingParams(
         max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=0, logprobs=0
@@ -45,3 +46,12 @@ def test_dense_matches_torch_backend(hf):
 def test_dca_matches_pytorch_dca_backend(hf):
     dca = DCAConfig(chunk_size=24, local_size=8, original_max_position_embeddings=12)
     assert_same(run(hf, "triton", dca), run(hf, "dca", dca))
+
+
+def test_fp8_cache_matches_pytorch_backends(hf):
+    """An fp8 cache: the kernels' folded scales against the PyTorch backends' dequantized
+    gathers. Both attend over the same dequantized values, so only float32 rounding differs
+    (measured max |logprob diff| 7.6e-6 dense, 1e-6 on a model of weight std 0.05)."""
+    assert_same(run(hf, "triton", kv="fp8"), run(hf, "torch", kv="fp8"))
+    dca = DCAConfig(chunk_size=24, local_size=8, original_max_position_embeddings=12)
+    assert_same(run(hf, "triton", dca, kv="fp8"), run(hf, "dca", dca, kv="fp8"))

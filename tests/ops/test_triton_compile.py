@@ -40,6 +40,9 @@ _PREFILL_INTS = dict(
     stride_kb=32768,
     stride_ks=512,
     stride_kh=128,
+    stride_sb=256,
+    stride_ss=4,
+    stride_sh=1,
     stride_ot=3584,
     stride_oh=128,
     stride_lh=32768,
@@ -56,6 +59,9 @@ _DECODE_INTS = dict(
     stride_kb=32768,
     stride_ks=512,
     stride_kh=128,
+    stride_sb=256,
+    stride_ss=4,
+    stride_sh=1,
     stride_bt=2049,
     stride_pb=3584 * 128,
     stride_ph=128 * 128,
@@ -107,14 +113,33 @@ def _cases() -> dict[str, dict]:
             kernel="prefill", d=d, dtype="fp32", paged=True, page=16, dca=True
         )
         cases[f"decode-d{d}-fp32-dca"] = dict(kernel="decode", d=d, dtype="fp32", page=16, dca=True)
+    # float32 correctness checks on the GPU run the 7B head size over 128-token pages
+    cases["prefill-d128-fp32-page128"] = dict(
+        kernel="prefill", d=128, dtype="fp32", paged=True, page=128, dca=False
+    )
     cases["decode-d128-fp16-page16"] = dict(
         kernel="decode", d=128, dtype="fp16", page=16, dca=False
+    )
+    # fp8 KV cache (float8_e4m3fn values + float32 scales), bf16 compute
+    for dca in (False, True):
+        name = "dca" if dca else "dense"
+        cases[f"prefill-d128-bf16-fp8kv-page64-{name}"] = dict(
+            kernel="prefill", d=128, dtype="bf16", paged=True, page=64, dca=dca, fp8=True
+        )
+        cases[f"decode-d128-bf16-fp8kv-{name}"] = dict(
+            kernel="decode", d=128, dtype="bf16", page=64, dca=dca, fp8=True
+        )
+    cases["prefill-d128-bf16-fp8kv-page128-dense"] = dict(
+        kernel="prefill", d=128, dtype="bf16", paged=True, page=128, dca=False, fp8=True
     )
     return cases
 
 
-def _signature(fn, ptrs: dict, ints: dict, floats: tuple, dtype: str):
-    ptrs = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "Out": f"*{dtype}", **ptrs}
+def _signature(fn, ptrs: dict, ints: dict, floats: tuple, dtype: str, fp8: bool = False):
+    kv = "fp8e4nv" if fp8 else dtype
+    ptrs = {"Q": f"*{dtype}", "K": f"*{kv}", "V": f"*{kv}", "Out": f"*{dtype}", **ptrs}
+    if fp8:
+        ptrs.update(K_SCALE="*fp32", V_SCALE="*fp32")
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in ptrs:
@@ -140,14 +165,17 @@ def _compile_case(case: dict) -> dict:
     fp = importlib.import_module("longctx.ops.triton.flash_prefill")
     pd = importlib.import_module("longctx.ops.triton.paged_decode")
 
-    d, dtype = case["d"], case["dtype"]
+    d, dtype, fp8 = case["d"], case["dtype"], case.get("fp8", False)
+    scales = {} if fp8 else dict(K_SCALE=None, V_SCALE=None)  # None: no fp8 cache
     if case["kernel"] == "prefill":
-        cfg = fp.prefill_config(d, case["page"] if case["paged"] else None)
-        # tensor descriptors where the wrapper would build them (pages hold whole tiles)
-        tma = cfg.tma and (not case["paged"] or case["page"] % cfg.block_n == 0)
+        itemsize = 4 if dtype == "fp32" else 2
+        cfg = fp.prefill_config(d, case["page"] if case["paged"] else None, itemsize)
+        # tensor descriptors where the wrapper would build them (pages hold whole tiles; not
+        # over fp8 caches)
+        tma = cfg.tma and (not case["paged"] or case["page"] % cfg.block_n == 0) and not fp8
         fn = fp._flash_prefill_kernel
         sig, attrs = _signature(
-            fn, _PREFILL_PTRS, _PREFILL_INTS, ("qk_scale", "yarn_inv_orig"), dtype
+            fn, _PREFILL_PTRS, _PREFILL_INTS, ("qk_scale", "yarn_inv_orig"), dtype, fp8
         )
         if tma:  # host TensorDescriptor arguments, block [BLOCK_N, D]
             sig["K_DESC"] = sig["V_DESC"] = f"tensordesc<{dtype}[{cfg.block_n}, {d}]>"
@@ -166,15 +194,17 @@ def _compile_case(case: dict) -> dict:
             DOT_PREC="ieee" if dtype == "fp32" else "tf32",
             FAST_TRIG=True,
             TMA=tma,
+            KV_FP8=fp8,
+            **scales,
         )
         if not tma:
             const.update(K_DESC=None, V_DESC=None)
         opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     elif case["kernel"] == "decode":
-        cfg = pd.DECODE_CONFIGS[d]
+        cfg = (pd.FP8_DECODE_CONFIGS if fp8 else pd.DECODE_CONFIGS)[d]
         fn = pd._paged_decode_kernel
         sig, attrs = _signature(
-            fn, _DECODE_PTRS, _DECODE_INTS, ("qk_scale", "yarn_inv_orig"), dtype
+            fn, _DECODE_PTRS, _DECODE_INTS, ("qk_scale", "yarn_inv_orig"), dtype, fp8
         )
         const = dict(
             GROUPS=7,
@@ -189,6 +219,8 @@ def _compile_case(case: dict) -> dict:
             DOT_PREC="ieee" if dtype == "fp32" else "tf32",
             FAST_TRIG=True,
             USE_PDL=cfg.pdl,
+            KV_FP8=fp8,
+            **scales,
         )
         opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:

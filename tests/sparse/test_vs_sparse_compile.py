@@ -20,14 +20,15 @@ _PTRS = dict(BT="*i64", LSE="*fp32", TILE_O="*i32", TILE_E="*i32", TILE_RANGE="*
 _PTRS.update(COLS="*i32", COL_CNT="*i32", PART="*i32")
 _INTS = dict(
     q_pos0=131072, n_rows=32768, stride_qp=32768 * 3584, stride_qt=3584, stride_qh=128,
-    stride_kb=32768, stride_ks=512, stride_kh=128, stride_ot=3584, stride_oh=128,
+    stride_kb=32768, stride_ks=512, stride_kh=128, stride_sb=256, stride_ss=4, stride_sh=1,
+    stride_ot=3584, stride_oh=128,
     stride_lh=32768, stride_tp=28 * 200, stride_th=200, stride_rp=28 * 1024, stride_rh=1024,
     stride_cp=28 * 512 * 1000, stride_ch=512 * 1000, stride_cb=1000, stride_np=28 * 512,
     stride_nh=512,
 )  # fmt: skip
 
 
-def _compile(d: int, parts: int) -> dict:
+def _compile(d: int, parts: int, fp8: bool = False) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -35,7 +36,10 @@ def _compile(d: int, parts: int) -> dict:
     from longctx.ops.triton import vs_sparse
 
     fn, cfg = vs_sparse._vs_sparse_kernel, vs_sparse.SPARSE_CONFIGS[d]
-    ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", **_PTRS}
+    kv = "*fp8e4nv" if fp8 else "*bf16"
+    ptrs = {"Q": "*bf16", "K": kv, "V": kv, "Out": "*bf16", **_PTRS}
+    if fp8:
+        ptrs.update(K_SCALE="*fp32", V_SCALE="*fp32")
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in ptrs:
@@ -48,23 +52,26 @@ def _compile(d: int, parts: int) -> dict:
             sig[name] = "fp32" if name == "qk_scale" else "constexpr"
     const = dict(
         NUM_PARTS=parts, GROUPS=7, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        PAGE_SIZE=64, UPCAST=False, DOT_PREC="tf32",
+        PAGE_SIZE=64, UPCAST=False, DOT_PREC="tf32", KV_FP8=fp8,
     )  # fmt: skip
+    if not fp8:
+        const.update(K_SCALE=None, V_SCALE=None)
     opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     kernel = triton.compile(ASTSource(fn, sig, const, attrs), GPUTarget("cuda", 90, 32), opts)
     return dict(shared=kernel.metadata.shared)
 
 
-CASES = [(128, 1), (128, 3), (64, 1)]
+CASES = [(128, 1, False), (128, 3, False), (64, 1, False), (128, 3, True)]
 
 
 def _main() -> None:
     results = {}
-    for d, parts in CASES:
+    for d, parts, fp8 in CASES:
+        name = f"{d}-{parts}{'-fp8' if fp8 else ''}"
         try:
-            results[f"{d}-{parts}"] = _compile(d, parts)
+            results[name] = _compile(d, parts, fp8)
         except Exception as e:  # reported per case by the test
-            results[f"{d}-{parts}"] = dict(error=f"{type(e).__name__}: {e}"[:2000])
+            results[name] = dict(error=f"{type(e).__name__}: {e}"[:2000])
     print("RESULTS " + json.dumps(results))
 
 
@@ -86,9 +93,9 @@ def compiled() -> dict:
     return json.loads(line[len("RESULTS ") :])
 
 
-@pytest.mark.parametrize("d,parts", CASES)
-def test_compiles_for_sm90_within_shared_memory(compiled, d, parts):
-    res = compiled[f"{d}-{parts}"]
+@pytest.mark.parametrize("d,parts,fp8", CASES)
+def test_compiles_for_sm90_within_shared_memory(compiled, d, parts, fp8):
+    res = compiled[f"{d}-{parts}{'-fp8' if fp8 else ''}"]
     assert "error" not in res, res.get("error")
     assert res["shared"] <= H100_SHARED_MEMORY
 

@@ -14,6 +14,10 @@ Token t of a sequence lives in block block_table[t // block_size], row t % block
     block_table = [7, 2, 9]          block_size = 4
     tokens 0..3 -> block 7, tokens 4..7 -> block 2, tokens 8..11 -> block 9
     slot(t) = block_table[t // 4] * 4 + t % 4
+
+An fp8 cache (EngineConfig.kv_cache_dtype="fp8") stores k and v as float8_e4m3fn in the same
+layout, plus float32 scales k_scale / v_scale [num_blocks, block_size, num_kv_heads], one per
+(token, kv head): value = stored * scale (longctx/layers/attention/kv_quant.py).
 """
 
 from __future__ import annotations
@@ -29,14 +33,21 @@ from longctx.layers.rotary import RotaryEmbedding
 
 @dataclass(frozen=True)
 class KVCache:
-    """One layer's paged cache: k, v [num_blocks, block_size, num_kv_heads, head_dim]."""
+    """One layer's paged cache: k, v [num_blocks, block_size, num_kv_heads, head_dim]; for an
+    fp8 cache also k_scale, v_scale [num_blocks, block_size, num_kv_heads] float32."""
 
     k: torch.Tensor
     v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
     @property
     def block_size(self) -> int:
         return self.k.shape[1]
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
 
 
 @dataclass(frozen=True)
@@ -135,13 +146,17 @@ def build_common_metadata(layout: BatchLayout, device: torch.device) -> Attentio
         starts.append(starts[-1] + qlen)
     return AttentionMetadata(
         layout=layout,
-        positions=_to(torch.cat(positions), device),
-        slot_mapping=_to(torch.cat(slots), device),
+        positions=to_device(torch.cat(positions), device),
+        slot_mapping=to_device(torch.cat(slots), device),
         query_starts=tuple(starts),
-        block_table=_to(table, device),
-        context_lens=_to(torch.tensor(layout.context_lens, dtype=torch.int64), device),
+        block_table=to_device(table, device),
+        context_lens=to_device(torch.tensor(layout.context_lens, dtype=torch.int64), device),
     )
 
 
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t.to(device)
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without making the host wait for the device's queue (pinned
+    staging, non-blocking), so the next step can be prepared while the current one runs."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

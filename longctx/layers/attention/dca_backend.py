@@ -10,6 +10,7 @@ keys (bottom-right causal), the previous chunk (successive) and all older chunks
 from the paged cache, and the three (out, lse) are merged. Decode-only steps gather every
 sequence's keys into one padded batch and run one fused attention whose rows are the three query
 variants of each head, each masked to its own keys; the rows are merged by lse (exact).
+An fp8 cache is dequantized to the compute dtype as it is gathered (as in torch_backend.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ from longctx.layers.attention.backend import (
     KVCache,
     build_common_metadata,
 )
-from longctx.layers.attention.torch_backend import gather_kv, write_kv
+from longctx.layers.attention.torch_backend import (
+    gather_kv,
+    gather_slots,
+    pad_with_first_slot,
+    write_kv,
+)
 from longctx.layers.rotary import apply_rotary
 from longctx.ops.attention import attention_with_lse, merge_attention
 from longctx.ops.dca import (
@@ -109,10 +115,10 @@ class DCAAttentionBackend(AttentionBackend):
         layout = meta.layout
         for i, (qlen, ctx) in enumerate(zip(layout.query_lens, layout.context_lens, strict=True)):
             s, e = meta.query_starts[i], meta.query_starts[i + 1]
-            if ctx == qlen:  # nothing cached before: use the fresh keys, skip the gather
+            if ctx == qlen and not cache.quantized:  # nothing cached before: skip the gather
                 keys, values = k[s:e], v[s:e]
             else:
-                keys, values = gather_kv(cache, meta.block_table[i], ctx)
+                keys, values = gather_kv(cache, meta.block_table[i], ctx, q3.dtype)
             out[s:e] = self._sequence(q3[:, s:e], keys, values, ctx - qlen)
         return out
 
@@ -145,13 +151,12 @@ class DCAAttentionBackend(AttentionBackend):
         separate batch entries (so a long context fills the GPU, flash-decoding style); the
         B*S*3 partial rows are then merged by lse (exact).
         """
-        kf = cache.k.view(-1, *cache.k.shape[2:])
-        vf = cache.v.view(-1, *cache.v.shape[2:])
+        kg, vg = gather_slots(cache, meta.decode_slots, q3.dtype)  # [B, Lpad, Hkv, D]
         b, hq, d = q3.shape[1:]
         splits = meta.decode_allowed.shape[0] // b
         # [B, Lpad, Hkv, D] -> [B * S, Hkv, Lpad / S, D]: a view, no copy
-        keys = kf[meta.decode_slots].flatten(0, 1).unflatten(0, (b * splits, -1)).transpose(1, 2)
-        values = vf[meta.decode_slots].flatten(0, 1).unflatten(0, (b * splits, -1)).transpose(1, 2)
+        keys = kg.flatten(0, 1).unflatten(0, (b * splits, -1)).transpose(1, 2)
+        values = vg.flatten(0, 1).unflatten(0, (b * splits, -1)).transpose(1, 2)
         hkv = keys.shape[1]
         groups = hq // hkv
         # [3, B, Hq, D] -> [B * S, Hkv, groups * 3, D], row g * 3 + variant
@@ -186,8 +191,8 @@ def decode_tables(meta: AttentionMetadata, block_size: int, chunk_len: int) -> d
     table = meta.block_table
     j = torch.arange(lpad, device=table.device)
     col = (j // block_size).clamp(max=table.shape[1] - 1).expand(table.shape[0], -1)
-    slots = table.gather(1, col) * block_size + j % block_size
     valid = j[None, :] < meta.context_lens[:, None]
+    slots = pad_with_first_slot(table.gather(1, col) * block_size + j % block_size, valid)
     parts = key_parts((meta.context_lens - 1)[:, None], j[None, :], chunk_len)  # new token: L - 1
     variants = torch.arange(3, device=table.device)[None, :, None]
     allowed = (parts[:, None, :] == variants) & valid[:, None, :]  # [B, 3, Lpad]

@@ -39,6 +39,7 @@ from longctx.layers.attention.backend import (
     KVCache,
     build_common_metadata,
 )
+from longctx.layers.attention.kv_quant import load_blocks
 from longctx.layers.attention.torch_backend import gather_kv, write_kv
 from longctx.layers.rotary import RotaryEmbedding, apply_rotary
 from longctx.ops.dca import DCASegment, dca_segments, key_positions, query_positions, yarn_factor
@@ -171,7 +172,8 @@ class SparseAttentionBackend(AttentionBackend):
         kernel = self.prefill.uses_kernel(q.device)
         for i, plans in meta.plan.sequences.items():
             table = meta.block_table[i]
-            keys, values = sequence_kv(cache, table, meta.layout.context_lens[i], not kernel)
+            ctx = meta.layout.context_lens[i]
+            keys, values = sequence_kv(cache, table, ctx, not kernel, q.dtype)
             for plan in plans:
                 qr = q[plan.rows]
                 q_parts = torch.stack(
@@ -184,13 +186,18 @@ class SparseAttentionBackend(AttentionBackend):
 
 
 def sequence_kv(
-    cache: KVCache, block_table: Tensor, length: int, with_values: bool
+    cache: KVCache,
+    block_table: Tensor,
+    length: int,
+    with_values: bool,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor | None]:
-    """A sequence's keys (and values, for the CPU path), contiguous [length, Hkv, D]."""
+    """A sequence's keys (and values, for the CPU path), contiguous [length, Hkv, D]; an fp8
+    cache dequantized to dtype (estimation and the CPU reference then see the cached values)."""
     if with_values:
-        return gather_kv(cache, block_table, length)
+        return gather_kv(cache, block_table, length, dtype)
     n = -(-length // cache.block_size)
-    return cache.k[block_table[:n]].flatten(0, 1)[:length], None
+    return load_blocks(cache.k, cache.k_scale, block_table[:n], length, dtype), None
 
 
 class SparsePrefill:
@@ -299,7 +306,14 @@ class SparsePrefill:
             from longctx.ops.triton.vs_sparse import vs_sparse_attention
 
             return vs_sparse_attention(
-                q_parts, cache.k, cache.v, block_table, index, scale=self.scale
+                q_parts,
+                cache.k,
+                cache.v,
+                block_table,
+                index,
+                scale=self.scale,
+                k_scale=cache.k_scale,
+                v_scale=cache.v_scale,
             )
         return sparse_attention_reference(q_parts, keys, values, index, scale=self.scale)
 

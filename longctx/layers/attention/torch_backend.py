@@ -3,6 +3,10 @@
 Prefill: each sequence's new queries attend to its whole cached context (earlier chunks plus
 themselves), gathered from the block table; bottom-right causal. Decode-only steps gather every
 sequence's keys into one padded batch and run a single masked SDPA.
+
+An fp8 cache (kv_quant.py) is dequantized to the compute dtype as it is gathered; attention
+then always reads the cached (quantized) keys, also in a first chunk, so every chunking of a
+prompt and every decode step sees the same values.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from longctx.layers.attention.backend import (
     KVCache,
     build_common_metadata,
 )
+from longctx.layers.attention.kv_quant import load_blocks, load_rows, store_rows
 from longctx.layers.rotary import apply_rotary
 from longctx.ops.attention import attention_with_lse
 
@@ -31,17 +36,28 @@ class TorchMetadata(AttentionMetadata):
 
 
 def write_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    cache.k.view(-1, *cache.k.shape[2:])[slots] = k.to(cache.k.dtype)
-    cache.v.view(-1, *cache.v.shape[2:])[slots] = v.to(cache.v.dtype)
+    """k/v [T, Hkv, D] into cache slots (quantized for an fp8 cache)."""
+    store_rows(cache.k, cache.k_scale, slots, k)
+    store_rows(cache.v, cache.v_scale, slots, v)
 
 
 def gather_kv(
-    cache: KVCache, blocks: torch.Tensor, length: int
+    cache: KVCache, blocks: torch.Tensor, length: int, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `length` tokens of one sequence: [length, Hkv, D] each."""
+    """The first `length` tokens of one sequence: [length, Hkv, D] each (an fp8 cache
+    dequantized to dtype; a plain one as stored)."""
     n = -(-length // cache.block_size)
-    k = cache.k[blocks[:n]].flatten(0, 1)[:length]
-    v = cache.v[blocks[:n]].flatten(0, 1)[:length]
+    k = load_blocks(cache.k, cache.k_scale, blocks[:n], length, dtype)
+    v = load_blocks(cache.v, cache.v_scale, blocks[:n], length, dtype)
+    return k, v
+
+
+def gather_slots(
+    cache: KVCache, slots: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values at flat cache slots [...] -> [..., Hkv, D] each (fp8: dequantized)."""
+    k = load_rows(cache.k, cache.k_scale, slots, dtype)
+    v = load_rows(cache.v, cache.v_scale, slots, dtype)
     return k, v
 
 
@@ -57,7 +73,15 @@ def decode_gather_slots(
         .expand(meta.block_table.shape[0], -1),
     )
     slots = blocks * block_size + j % block_size
-    return slots, j[None, :] < meta.context_lens[:, None]
+    valid = j[None, :] < meta.context_lens[:, None]
+    return pad_with_first_slot(slots, valid), valid
+
+
+def pad_with_first_slot(slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Point padding positions at each sequence's first token. Cache rows no token wrote are
+    torch.empty memory and may hold NaN, which a zero probability would not cancel (0 * NaN is
+    NaN); the first token's row is always written, so the masked-out values stay finite."""
+    return torch.where(valid, slots, slots[:, :1])
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -81,19 +105,17 @@ class TorchAttentionBackend(AttentionBackend):
         layout = meta.layout
         for i, (qlen, ctx) in enumerate(zip(layout.query_lens, layout.context_lens)):
             s, e = meta.query_starts[i], meta.query_starts[i + 1]
-            if ctx == qlen:  # nothing cached before: use the fresh keys, skip the gather
+            if ctx == qlen and not cache.quantized:  # nothing cached before: skip the gather
                 ki, vi = k[s:e], v[s:e]
             else:
-                ki, vi = gather_kv(cache, meta.block_table[i], ctx)
+                ki, vi = gather_kv(cache, meta.block_table[i], ctx, q.dtype)
             out[s:e] = attention_with_lse(q[s:e], ki, vi, scale=self.scale, causal=True)[0]
         return out
 
     def _decode(self, q: torch.Tensor, cache: KVCache, meta: TorchMetadata) -> torch.Tensor:
-        kf = cache.k.view(-1, *cache.k.shape[2:])
-        vf = cache.v.view(-1, *cache.v.shape[2:])
-        return decode_attention(
-            q, kf[meta.decode_slots], vf[meta.decode_slots], meta.decode_mask, self.scale
-        )
+        # decode_attention computes in float32: dequantize straight to it
+        keys, values = gather_slots(cache, meta.decode_slots, torch.float32)
+        return decode_attention(q, keys, values, meta.decode_mask, self.scale)
 
 
 def decode_attention(

@@ -4,7 +4,8 @@ Keys are rotated here (at p, or at p mod c with DCA) and written to the cache; q
 kernels unrotated and are rotated there, so DCA's three query variants never reach HBM. Prefill
 and mixed steps use one varlen launch for the whole batch; decode-only steps use the split-K
 paged decode kernel. YaRN (with DCA) multiplies the logits of the query at p by f(p)^2, the same
-decision as the PyTorch DCA backend (longctx.ops.dca).
+decision as the PyTorch DCA backend (longctx.ops.dca). An fp8 cache is quantized as it is
+written (kv_quant.py) and read by the kernels as fp8 tiles with their scales.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class TritonAttentionBackend(AttentionBackend):
             rope_theta=self.config.rope_theta,
             dca=self.dca if meta.use_dca else None,
             yarn_original_max=self.yarn_original,
+            k_scale=cache.k_scale,
+            v_scale=cache.v_scale,
         )
         if meta.layout.is_decode_only:
             out, _ = paged_decode(q, cache.k, cache.v, meta.block_table, meta.k_end, **kw)

@@ -51,6 +51,21 @@ part none of the block's rows sees is skipped whole (no rotation, no loop set-up
 YaRN: with original_max set, logits of the query at p are multiplied by f(p)^2,
 f(p) = max(1, 0.1 ln((p + 1) / original_max) + 1).
 
+FP8 cache (k_scale / v_scale given; KV_FP8, a constexpr, so other caches compile as before):
+k/v hold float8_e4m3fn, with float32 scales [num_blocks, page, Hkv] (contiguous keys:
+[Lk, Hkv]) per (token, kv head), value = stored * scale (longctx/layers/attention/
+kv_quant.py). A tile is loaded as fp8 (half the bytes), converted to the dot dtype (q's;
+float32 under the interpreter), and the scales are folded in where they cost a row or a
+column rather than a whole tile: each key column's logits are multiplied by its k scale
+(s = (q . k_stored) * k_scale[n] * softmax scale), and P by the v scale of its column before
+P @ V (the row sum l keeps the unscaled P). The dots run in fp16 with bf16 queries (e4m3 ->
+fp16 is one instruction per pair, -> bf16 one more per value; fp16 holds e4m3 exactly and
+keeps 3 more mantissa bits of q and P); to keep p * v_scale in fp16's range, P is scaled
+relative to the tile's largest v scale and the tile's P @ V scaled back in float32.
+Unmasked runs then use pointer loads (no tensor descriptors over fp8). The interpreter of
+triton 3.7 loads float8e4nv pointers directly (only the NaN code 0x7f reads as 480 there;
+the quantizer never writes it).
+
 Outputs: out [T, Hq, D] in q's dtype, lse [Hq, T] float32 natural log; a query with no keys
 gets out = 0, lse = -inf (the conventions of longctx/ops/attention.py).
 """
@@ -72,6 +87,7 @@ except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
+FP8_DTYPE = torch.float8_e4m3fn  # the fp8 KV-cache format (scales float32 per token and head)
 _NO_KEY_LIMIT = tl.constexpr(2**30)  # "no bound" for key positions (int32)
 # Read once: TRITON_INTERPRET must be set before any kernel is defined anyway.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -122,6 +138,7 @@ PREFILL_CONFIGS: dict[int, KernelConfig] = {
 LARGE_PAGE_PREFILL_CONFIGS: dict[int, KernelConfig] = {
     128: KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=True),
 }
+FLOAT32_PREFILL_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
 # Under the interpreter the cost is programs x loop iterations: larger tiles run faster.
 INTERPRET_PREFILL_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=1)
 
@@ -130,11 +147,14 @@ def interpreting() -> bool:
     return _INTERPRET
 
 
-def prefill_config(head_dim: int, page_size: int | None = None) -> KernelConfig:
+def prefill_config(head_dim: int, page_size: int | None = None, itemsize: int = 2) -> KernelConfig:
     """Default tiles for head_dim; page_size (None: contiguous keys) picks 128-key tiles
-    where a page holds whole tiles."""
+    where a page holds whole tiles. float32 inputs (itemsize 4: correctness checks on the GPU,
+    never the fast path) get small tiles, as theirs take twice the shared memory."""
     if _INTERPRET:
         return INTERPRET_PREFILL_CONFIG
+    if itemsize > 2 and head_dim <= 128:
+        return FLOAT32_PREFILL_CONFIG
     if head_dim not in PREFILL_CONFIGS:
         raise ValueError(
             f"no prefill config for head_dim {head_dim} (have {sorted(PREFILL_CONFIGS)})"
@@ -316,16 +336,21 @@ def _attend_tiles(
     acc,
     m_i,
     l_i,
+    v_ref,
     q,
     row_scale,
     K,
     V,
     K_DESC,
     V_DESC,
+    K_SCALE,
+    V_SCALE,
     BT,
     kv_col,
     stride_kb,
     stride_ks,
+    stride_sb,
+    stride_ss,
     tile_lo,
     tile_hi,
     page_hi,
@@ -341,6 +366,8 @@ def _attend_tiles(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
     TMA: tl.constexpr,
+    KV_FP8: tl.constexpr,
+    FP8_RUNNING_REF: tl.constexpr = False,
 ):
     """Online softmax over key tiles [tile_lo, tile_hi) (BLOCK_N-aligned).
 
@@ -349,7 +376,13 @@ def _attend_tiles(
     so NaN garbage in unused cache rows cannot leak through p @ v) and each row keeps only
     [row_lo, row_hi). Block-table entries are read below key page_hi (decode passes a bound
     known before the context length arrives). TMA (unmasked runs only): K/V tiles through
-    the descriptors.
+    the descriptors. KV_FP8: fp8 tiles with per-key scales K_SCALE / V_SCALE (strides
+    stride_sb, stride_ss per block and row), folded into the logits and P (module doc):
+    P @ V in fp16 with P relative to the tile's largest v scale (_fp8_pv), or with
+    FP8_RUNNING_REF relative to v_ref, the largest v scale seen so far (acc is then in units
+    of v_ref: rescaled with alpha when it grows, and times v_ref at the end by the caller),
+    which accumulates in place -- no second accumulator (prefill's 128 x 128 tiles would
+    spill it).
     The block-table entry of the next tile is read one iteration ahead and carried: a
     K/V address that depends on a load of the same iteration stops Triton's pipeliner
     from keeping more than one tile in flight (measured in the sm_90 TTGIR: 2 buffers
@@ -360,6 +393,16 @@ def _attend_tiles(
     page = _tile_pages(BT, tile_lo, page_hi, PAGED, PAGE_SIZE, BLOCK_N)
     for start_n in range(tile_lo, tile_hi, BLOCK_N):
         offs = start_n + offs_n
+        if MASKED:
+            key_ok = (offs >= key_lo) & (offs < key_hi)
+        if KV_FP8:  # per-key scales; masked keys get 0 (their logits become -inf below)
+            s_rows = _kv_row_offsets(page, offs, stride_sb, stride_ss, PAGED, PAGE_SIZE)
+            if MASKED:
+                k_sc = tl.load(K_SCALE + s_rows, mask=key_ok, other=0.0)
+                v_sc = tl.load(V_SCALE + s_rows, mask=key_ok, other=0.0)
+            else:
+                k_sc = tl.load(K_SCALE + s_rows)
+                v_sc = tl.load(V_SCALE + s_rows)
         if TMA:
             row = _tile_row(page, start_n, PAGED, PAGE_SIZE)
             page = _tile_pages(BT, start_n + BLOCK_N, page_hi, PAGED, PAGE_SIZE, BLOCK_N)
@@ -369,13 +412,16 @@ def _attend_tiles(
             page = _tile_pages(BT, start_n + BLOCK_N, page_hi, PAGED, PAGE_SIZE, BLOCK_N)
             ptrs = rows[:, None] + offs_d[None, :]
             if MASKED:
-                key_ok = ((offs >= key_lo) & (offs < key_hi))[:, None]
-                k = tl.load(K + ptrs, mask=key_ok, other=0.0)
+                k = tl.load(K + ptrs, mask=key_ok[:, None], other=0.0)
             else:
                 k = tl.load(K + ptrs)
-        if UPCAST:
+        if KV_FP8:
+            k = k.to(q.dtype)
+        elif UPCAST:
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if KV_FP8:
+            qk = qk * k_sc[None, :]
         if MASKED:
             seen = (offs[None, :] >= row_lo[:, None]) & (offs[None, :] < row_hi[:, None])
             qk = tl.where(seen, qk, float("-inf"))
@@ -384,18 +430,51 @@ def _attend_tiles(
         p = tl.math.exp2(qk * row_scale[:, None] - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if KV_FP8:
+            if FP8_RUNNING_REF:  # acc is in units of v_ref
+                new_ref = tl.maximum(v_ref, tl.max(v_sc, 0))
+                alpha = alpha * (v_ref / new_ref)
+                v_ref = new_ref
         acc = acc * alpha[:, None]
         if TMA:
             v = V_DESC.load([row, kv_col])
         elif MASKED:
-            v = tl.load(V + ptrs, mask=key_ok, other=0.0)
+            v = tl.load(V + ptrs, mask=key_ok[:, None], other=0.0)
         else:
             v = tl.load(V + ptrs)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        if KV_FP8:
+            if FP8_RUNNING_REF:
+                p_v = (p * (v_sc * (1.0 / v_ref))[None, :]).to(q.dtype)
+                acc = tl.dot(p_v, v.to(q.dtype), acc, input_precision=DOT_PREC)
+            else:
+                acc = _fp8_pv(acc, p, v, v_sc, q.dtype, DOT_PREC)
+        else:
+            if UPCAST:
+                v = v.to(tl.float32)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
-    return acc, m_i, l_i
+    return acc, m_i, l_i, v_ref
+
+
+@triton.jit
+def _fp8_query(q):
+    """The dot dtype over an fp8 cache: a bf16 query goes to fp16 (e4m3 -> fp16 is one
+    instruction per pair of values, -> bf16 one more per value; fp16 also keeps 3 more
+    mantissa bits), clamped to fp16's range; fp16 and float32 queries stay."""
+    if q.dtype == tl.bfloat16:
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    return q
+
+
+@triton.jit
+def _fp8_pv(acc, p, v, v_sc, dot_dtype: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + (p * v_scale) @ v over an fp8 value tile. P is scaled per key column, relative to
+    the tile's largest scale (so p * scale never underflows fp16), and the tile's product is
+    scaled back in float32; the row sum l stays with the unscaled p."""
+    v_top = tl.maximum(tl.max(v_sc, 0), 1.0e-30)  # masked keys have scale 0
+    p_v = p * (v_sc * (1.0 / v_top))[None, :]
+    pv = tl.dot(p_v.to(dot_dtype), v.to(dot_dtype), input_precision=DOT_PREC)
+    return acc + pv * v_top
 
 
 @triton.jit
@@ -428,16 +507,21 @@ def _attend_band(
     acc,
     m_i,
     l_i,
+    v_ref,
     q,
     row_scale,
     K,
     V,
     K_DESC,
     V_DESC,
+    K_SCALE,
+    V_SCALE,
     BT,
     kv_col,
     stride_kb,
     stride_ks,
+    stride_sb,
+    stride_ss,
     row_lo,
     row_hi,
     row_ok,
@@ -448,6 +532,7 @@ def _attend_band(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
     TMA: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """All keys of a query block for one part: masked edges, unmasked middle (module doc)."""
     lo_min = tl.min(tl.where(row_ok, row_lo, _NO_KEY_LIMIT), 0)
@@ -469,20 +554,25 @@ def _attend_band(
             tile_lo, tile_hi = full_lo, full_hi
         else:
             tile_lo, tile_hi = full_hi, hi_max
-        acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, v_ref = _attend_tiles(
             acc,
             m_i,
             l_i,
+            v_ref,
             q,
             row_scale,
             K,
             V,
             K_DESC,
             V_DESC,
+            K_SCALE,
+            V_SCALE,
             BT,
             kv_col,
             stride_kb,
             stride_ks,
+            stride_sb,
+            stride_ss,
             tile_lo,
             tile_hi,
             hi_max,
@@ -498,8 +588,10 @@ def _attend_band(
             UPCAST,
             DOT_PREC,
             TMA & (run == 1),
+            KV_FP8,
+            True,  # FP8_RUNNING_REF: in-place P @ V (module doc)
         )
-    return acc, m_i, l_i
+    return acc, m_i, l_i, v_ref
 
 
 @triton.jit(do_not_specialize=["stride_lh", "stride_bt"])
@@ -509,6 +601,8 @@ def _flash_prefill_kernel(
     V,
     K_DESC,
     V_DESC,
+    K_SCALE,
+    V_SCALE,
     BT,
     Out,
     LSE,
@@ -526,6 +620,9 @@ def _flash_prefill_kernel(
     stride_kb,
     stride_ks,
     stride_kh,
+    stride_sb,
+    stride_ss,
+    stride_sh,
     stride_ot,
     stride_oh,
     stride_lh,
@@ -544,6 +641,7 @@ def _flash_prefill_kernel(
     DOT_PREC: tl.constexpr,
     FAST_TRIG: tl.constexpr,
     TMA: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     # -- program set-up: which queries, which heads, which sequence
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -564,6 +662,9 @@ def _flash_prefill_kernel(
     kv_off = kv_head.to(tl.int64) * stride_kh
     K += kv_off
     V += kv_off
+    if KV_FP8:
+        K_SCALE += kv_head.to(tl.int64) * stride_sh
+        V_SCALE += kv_head.to(tl.int64) * stride_sh
     BT += seq.to(tl.int64) * stride_bt
     Qh = Q + head.to(tl.int64) * stride_qh
     offs_d = tl.arange(0, HEAD_DIM)
@@ -572,6 +673,7 @@ def _flash_prefill_kernel(
 
     # -- online softmax over every part's keys
     acc, m_i, l_i = _init_state(BLOCK_M, HEAD_DIM)
+    v_ref = tl.full([], 1.0e-30, tl.float32)  # fp8: the largest v scale seen (acc's unit)
     NUM_PARTS: tl.constexpr = 3 if DCA else 1
     for part in range(NUM_PARTS):
         row_lo, row_hi, rot_pos = _part_ranges(
@@ -583,20 +685,27 @@ def _flash_prefill_kernel(
             )
             if ROPE and not UPCAST:
                 q = _restage_query(q, o_ptrs, row_ok)
-            acc, m_i, l_i = _attend_band(
+            if KV_FP8:
+                q = _fp8_query(q)
+            acc, m_i, l_i, v_ref = _attend_band(
                 acc,
                 m_i,
                 l_i,
+                v_ref,
                 q,
                 row_scale,
                 K,
                 V,
                 K_DESC,
                 V_DESC,
+                K_SCALE,
+                V_SCALE,
                 BT,
                 kv_head * HEAD_DIM,
                 stride_kb,
                 stride_ks,
+                stride_sb,
+                stride_ss,
                 row_lo,
                 row_hi,
                 row_ok,
@@ -607,9 +716,12 @@ def _flash_prefill_kernel(
                 UPCAST,
                 DOT_PREC,
                 TMA,
+                KV_FP8,
             )
 
     # -- epilogue: out [T, Hq, D], lse [Hq, T]
+    if KV_FP8:
+        acc = acc * v_ref
     out, lse = _finish(acc, m_i, l_i)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + head.to(tl.int64) * stride_lh + rows, lse, mask=row_ok)
@@ -706,8 +818,42 @@ def _int32_args(device: torch.device, values: tuple[int, ...]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32).to(device)
 
 
+def check_kv_dtypes(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+) -> None:
+    """A plain cache has q's dtype; an fp8 cache comes with float32 scales [*k.shape[:-1]]."""
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("pass both k_scale and v_scale (an fp8 cache) or neither")
+    if k_scale is None:
+        if q.dtype != k.dtype or k.dtype != v.dtype:
+            raise ValueError(f"q/k/v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+        return
+    if k.dtype != FP8_DTYPE or v.dtype != FP8_DTYPE:
+        raise ValueError(f"k_scale/v_scale need float8_e4m3fn k/v, got {k.dtype}, {v.dtype}")
+    if q.dtype not in _DTYPE_FLAGS:
+        raise ValueError(f"unsupported query dtype {q.dtype}")
+    if k_scale.dtype != torch.float32 or v_scale.dtype != torch.float32:
+        raise ValueError(f"k_scale/v_scale must be float32, got {k_scale.dtype}, {v_scale.dtype}")
+    if k_scale.shape != k.shape[:-1] or v_scale.shape != k_scale.shape:
+        raise ValueError(
+            f"k_scale/v_scale must be {tuple(k.shape[:-1])} (one per token and kv head), got "
+            f"{tuple(k_scale.shape)}, {tuple(v_scale.shape)}"
+        )
+    if k_scale.stride() != v_scale.stride():
+        raise ValueError("k_scale and v_scale must have equal strides")
+
+
 def _check_prefill_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_table: torch.Tensor | None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     if q.dim() != 3:
         raise ValueError(f"q must be [tokens, heads, head_dim], got {tuple(q.shape)}")
@@ -723,8 +869,7 @@ def _check_prefill_inputs(
         raise ValueError(f"head layout mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}")
     if d not in (16, 32, 64, 128, 256):
         raise ValueError(f"head_dim must be a power of two in [16, 256], got {d}")
-    if q.dtype != k.dtype or k.dtype != v.dtype:
-        raise ValueError(f"q/k/v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    check_kv_dtypes(q, k, v, k_scale, v_scale)
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("q and k/v must be contiguous along head_dim")
 
@@ -746,6 +891,8 @@ def flash_prefill(
     config: KernelConfig | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one sequence's queries q [Lq, Hq, D] -> (out [Lq, Hq, D], lse [Hq, Lq]).
 
@@ -757,6 +904,7 @@ def flash_prefill(
     dca: keys cached at p mod c, three query rotations (needs rope_theta); k_start/k_end
     still clip. yarn_original_max: YaRN logit scaling per query (None or 0: off).
     out/lse: optional preallocated results. config: tile sizes (default by head_dim).
+    k_scale/v_scale: an fp8 cache's float32 scales, k.shape[:-1] (module doc).
     """
     lq = q.shape[0]
     if block_table is not None and block_table.dim() == 1:
@@ -786,6 +934,8 @@ def flash_prefill(
         config=config,
         out=out,
         lse=lse,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
 
 
@@ -808,18 +958,23 @@ def flash_prefill_varlen(
     config: KernelConfig | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen batch: q [T, Hq, D] holds B sequences, sequence s at rows
     cu_seqlens_q[s]:cu_seqlens_q[s+1] (int32 [B+1]); q_pos0, k_start, k_end: int32 [B];
     block_table [B, max_blocks] must cover k_end[s] tokens of sequence s. max_seqlen_q (host
-    int) sizes the grid. Returns (out [T, Hq, D], lse [Hq, T] float32 natural log)."""
-    _check_prefill_inputs(q, k, v, block_table)
+    int) sizes the grid. k_scale/v_scale: an fp8 cache's scales [num_blocks, page, Hkv]
+    (contiguous keys: [Lk, Hkv]). Returns (out [T, Hq, D], lse [Hq, T] float32 natural log)."""
+    _check_prefill_inputs(q, k, v, block_table, k_scale, v_scale)
     nseq = cu_seqlens_q.shape[0] - 1
     if k_start is None:
         k_start = _int32_args(q.device, (0,) * nseq)
     paged = block_table is not None
     if not paged:  # contiguous [Lk, Hkv, D] is one page holding every key
         k, v = k[None], v[None]
+        if k_scale is not None:
+            k_scale, v_scale = k_scale[None], v_scale[None]
         if nseq != 1:
             raise ValueError("contiguous k/v serve a single sequence; use a block table")
     var = make_variant(q.shape[2], q.device, rope_theta, dca, yarn_original_max)
@@ -848,7 +1003,9 @@ def flash_prefill_varlen(
         var,
         causal,
         max_seqlen_q,
-        config or prefill_config(q.shape[2], k.shape[1] if paged else None),
+        config or prefill_config(q.shape[2], k.shape[1] if paged else None, q.element_size()),
+        k_scale,
+        v_scale,
     )
     return out, lse
 
@@ -861,6 +1018,8 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, paged: bool, cfg: KernelCo
     Built per call (a few us): a cache of them would keep freed KV caches alive."""
     blocks, page, hkv, d = k.shape
     if not cfg.tma or TensorDescriptor is None or (paged and page % cfg.block_n):
+        return None, None
+    if k.dtype == FP8_DTYPE:  # fp8 caches: pointer loads (descriptors not validated there)
         return None, None
     if dtype_flags(k.dtype)[0] or blocks * page >= 2**31:
         return None, None
@@ -889,8 +1048,12 @@ def _launch_prefill(
     causal: bool,
     max_seqlen_q: int,
     cfg: KernelConfig,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     paged = block_table is not None
+    fp8 = k_scale is not None
+    s_strides = k_scale.stride() if fp8 else (0, 0, 0)
     k_desc, v_desc = _kv_descriptors(k, v, paged, cfg)
     bt = block_table if paged else cu_q  # any int pointer when not paged (never read)
     upcast, dot_prec = dtype_flags(q.dtype)
@@ -902,6 +1065,8 @@ def _launch_prefill(
         v,
         k_desc,
         v_desc,
+        k_scale,
+        v_scale,
         bt,
         out,
         lse,
@@ -919,6 +1084,9 @@ def _launch_prefill(
         k_strides[0],
         k_strides[1],
         k_strides[2],
+        s_strides[0],
+        s_strides[1],
+        s_strides[2],
         o_strides[0],
         o_strides[1],
         lse.stride(0),
@@ -937,6 +1105,7 @@ def _launch_prefill(
         DOT_PREC=dot_prec,
         FAST_TRIG=not _INTERPRET,
         TMA=k_desc is not None,
+        KV_FP8=fp8,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -27,6 +27,10 @@ intra = keys [n c, L) with the query at (L-1) mod c; successive = [(n-1) c, n c)
 min((L-1) mod c + c, C); inter = [0, (n-1) c) at min(2c-1, C). A partition runs only the
 parts its key range meets (one, except at a chunk edge), in one online softmax. The same
 helpers as flash_prefill.py compute the ranges and rotate the query in the kernel.
+
+FP8 cache (k_scale / v_scale [num_blocks, page, Hkv] float32 given): fp8 tiles, half the
+bytes of a bf16 cache, with the scales folded into the logits and P (flash_prefill.py's
+module doc; KV_FP8 is a constexpr, the other caches compile as before).
 """
 
 from __future__ import annotations
@@ -44,10 +48,12 @@ from longctx.ops.triton.flash_prefill import (
     DCAParams,
     _attend_tiles,
     _finish,
+    _fp8_query,
     _init_state,
     _load_query,
     _part_ranges,
     _yarn_row_scale,
+    check_kv_dtypes,
     dtype_flags,
     make_variant,
 )
@@ -84,6 +90,15 @@ DECODE_CONFIGS: dict[int, DecodeConfig] = {
     128: DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2),
     256: DecodeConfig(block_n=32, num_warps=4, num_stages=3, programs_per_sm=2),
 }
+# FP8 caches (half the bytes per key): a tile takes longer to convert than to load, so more
+# tiles are in flight: 3 stages in flight per program and 3 programs per SM (141 registers,
+# 168 with DCA's in-kernel RoPE: 3 x 128 threads still fit; 58 KiB of shared memory each).
+# H100, d=128, dense, 1M context: 468 us against 711 for the bf16 cache (1.52x); the bf16
+# config (4 warps, 3 stages, 2 per SM) gives 576, 8 warps 645, 128-key tiles 713
+# (benchmarks/results/fp8_kv_gpu.md times them all).
+FP8_DECODE_CONFIGS: dict[int, DecodeConfig] = {
+    128: DecodeConfig(block_n=64, num_warps=4, num_stages=4, programs_per_sm=3),
+}
 INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=32, num_warps=4, num_stages=1, pdl=False)
 MIN_PARTITION = 256
 MAX_PARTITION = 16384
@@ -91,9 +106,13 @@ REDUCE_BLOCK_D = 32  # head_dim slice per reduce program
 REDUCE_BLOCK_P = 64  # partitions merged per loop step (fixed: no recompile per context size)
 
 
-def decode_config(head_dim: int) -> DecodeConfig:
+def decode_config(head_dim: int, fp8: bool = False) -> DecodeConfig:
+    """Default config by head_dim, for a plain or an fp8 cache (FP8_DECODE_CONFIGS, where
+    tuned for head_dim; else the plain cache's)."""
     if _INTERPRET:
         return INTERPRET_DECODE_CONFIG
+    if fp8 and head_dim in FP8_DECODE_CONFIGS:
+        return FP8_DECODE_CONFIGS[head_dim]
     if head_dim not in DECODE_CONFIGS:
         raise ValueError(
             f"no decode config for head_dim {head_dim} (have {sorted(DECODE_CONFIGS)})"
@@ -144,6 +163,8 @@ def _paged_decode_kernel(
     Q,
     K,
     V,
+    K_SCALE,
+    V_SCALE,
     BT,
     CTX,
     O_PART,
@@ -160,6 +181,9 @@ def _paged_decode_kernel(
     stride_kb,
     stride_ks,
     stride_kh,
+    stride_sb,
+    stride_ss,
+    stride_sh,
     stride_bt,
     stride_pb,
     stride_ph,
@@ -178,6 +202,7 @@ def _paged_decode_kernel(
     DOT_PREC: tl.constexpr,
     FAST_TRIG: tl.constexpr,
     USE_PDL: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     if USE_PDL:  # let the reduce's programs be placed as soon as SMs free up
         gdc_launch_dependents()
@@ -196,6 +221,9 @@ def _paged_decode_kernel(
     kv_off = kv_head.to(tl.int64) * stride_kh
     K += kv_off
     V += kv_off
+    if KV_FP8:
+        K_SCALE += kv_head.to(tl.int64) * stride_sh
+        V_SCALE += kv_head.to(tl.int64) * stride_sh
     BT += seq.to(tl.int64) * stride_bt
     Qb = Q + seq.to(tl.int64) * stride_qb
     pos = ctx - 1  # the query is the newest cached token
@@ -215,20 +243,27 @@ def _paged_decode_kernel(
         q = _load_query(
             Qb, heads, g_ok, stride_qh, rot + 0 * pos_g, INV_FREQ, HEAD_DIM, ROPE, FAST_TRIG, UPCAST
         )
-        acc, m_i, l_i = _attend_tiles(
+        if KV_FP8:
+            q = _fp8_query(q)
+        acc, m_i, l_i, _ = _attend_tiles(
             acc,
             m_i,
             l_i,
+            1.0,  # v_ref: unused (decode's P @ V is relative to each tile's largest v scale)
             q,
             row_scale,
             K,
             V,
             None,
             None,
+            K_SCALE,
+            V_SCALE,
             BT,
             0,
             stride_kb,
             stride_ks,
+            stride_sb,
+            stride_ss,
             (lo // BLOCK_N) * BLOCK_N,
             hi,
             page_hi,
@@ -244,6 +279,7 @@ def _paged_decode_kernel(
             UPCAST,
             DOT_PREC,
             False,
+            KV_FP8,
         )
 
     # -- partial results: out_part [B, Hq, P, D], lse_part [B, Hq, P]
@@ -371,6 +407,8 @@ def _check_decode_inputs(
     v: torch.Tensor,
     block_table: torch.Tensor,
     context_lens: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     if q.dim() != 3 or k.dim() != 4 or k.shape != v.shape or k.stride() != v.stride():
         raise ValueError(
@@ -384,8 +422,7 @@ def _check_decode_inputs(
         raise ValueError(f"head_dim must be a power of two in [16, 256], got {d}")
     if block_table.dim() != 2 or block_table.shape[0] != b or context_lens.shape != (b,):
         raise ValueError(f"block_table [B, max_blocks] and context_lens [B] needed for B={b}")
-    if q.dtype != k.dtype or k.dtype != v.dtype:
-        raise ValueError(f"q/k/v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    check_kv_dtypes(q, k, v, k_scale, v_scale)
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("q and the caches must be contiguous along head_dim")
 
@@ -413,6 +450,7 @@ def _make_plan(
     rope: bool,
     dca: bool,
     yarn: bool,
+    fp8: bool = False,
 ) -> _DecodePlan:
     b, hq, d = q.shape
     page, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -440,6 +478,7 @@ def _make_plan(
         DOT_PREC=dot_prec,
         FAST_TRIG=not _INTERPRET,
         USE_PDL=pdl,
+        KV_FP8=fp8,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -455,7 +494,19 @@ def _make_plan(
 _PLANS: dict[tuple, _DecodePlan] = {}
 
 
-def _plan(q, k_cache, v_cache, block_table, context_lens, max_context, partition_size, cfg, var):
+def _plan(
+    q,
+    k_cache,
+    v_cache,
+    block_table,
+    context_lens,
+    max_context,
+    partition_size,
+    cfg,
+    var,
+    k_scale=None,
+    v_scale=None,
+):
     """Cached _DecodePlan; the inputs are validated when their layout is first seen."""
     key = (
         q.shape,
@@ -467,6 +518,8 @@ def _plan(q, k_cache, v_cache, block_table, context_lens, max_context, partition
         v_cache.shape,
         v_cache.stride(),
         v_cache.dtype,
+        None if k_scale is None else (k_scale.shape, k_scale.stride(), k_scale.dtype),
+        None if v_scale is None else (v_scale.shape, v_scale.stride(), v_scale.dtype),
         block_table.shape,
         context_lens.shape,
         max_context,
@@ -478,9 +531,18 @@ def _plan(q, k_cache, v_cache, block_table, context_lens, max_context, partition
     )
     plan = _PLANS.get(key)
     if plan is None:
-        _check_decode_inputs(q, k_cache, v_cache, block_table, context_lens)
+        _check_decode_inputs(q, k_cache, v_cache, block_table, context_lens, k_scale, v_scale)
         plan = _make_plan(
-            q, k_cache, block_table, max_context, partition_size, cfg, var.rope, var.dca, var.yarn
+            q,
+            k_cache,
+            block_table,
+            max_context,
+            partition_size,
+            cfg,
+            var.rope,
+            var.dca,
+            var.yarn,
+            k_scale is not None,
         )
         if len(_PLANS) >= 256:
             _PLANS.clear()
@@ -505,6 +567,8 @@ def paged_decode(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query token per sequence over the paged cache -> (out [B, Hq, D], lse [Hq, B]).
 
@@ -515,12 +579,23 @@ def paged_decode(
     CUDA-graph bucket) bounds every context_lens[b]; default block_table.shape[1] * page.
     out/lse: optional preallocated results; workspace: optional (out_part [B, Hq, P, D],
     lse_part [B, Hq, P]) float32 buffers, P = cdiv(max_context, partition_size); by default
-    a scratch shared by eager calls of the same shape on one stream.
+    a scratch shared by eager calls of the same shape on one stream. k_scale/v_scale: the
+    float32 scales [num_blocks, page, Hkv] of an fp8 (float8_e4m3fn) cache.
     """
-    cfg = config or decode_config(q.shape[2])
+    cfg = config or decode_config(q.shape[2], fp8=k_scale is not None)
     var = make_variant(q.shape[2], q.device, rope_theta, dca, yarn_original_max)
     plan = _plan(
-        q, k_cache, v_cache, block_table, context_lens, max_context, partition_size, cfg, var
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        context_lens,
+        max_context,
+        partition_size,
+        cfg,
+        var,
+        k_scale,
+        v_scale,
     )
     b, hq, d = q.shape
     out = torch.empty_like(q) if out is None else out
@@ -540,20 +615,49 @@ def paged_decode(
     if o_part.stride(-1) != 1 or lse_part.stride(-1) != 1:
         raise ValueError("workspace buffers must be contiguous in their last dimension")
     _launch_decode(
-        q, k_cache, v_cache, block_table, context_lens, out, lse, o_part, lse_part, scale, var, plan
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        context_lens,
+        out,
+        lse,
+        o_part,
+        lse_part,
+        scale,
+        var,
+        plan,
+        k_scale,
+        v_scale,
     )
     return out, lse
 
 
 def _launch_decode(
-    q, k_cache, v_cache, block_table, ctx, out, lse, o_part, lse_part, scale, var, plan
+    q,
+    k_cache,
+    v_cache,
+    block_table,
+    ctx,
+    out,
+    lse,
+    o_part,
+    lse_part,
+    scale,
+    var,
+    plan,
+    k_scale=None,
+    v_scale=None,
 ):
     q_strides, k_strides = q.stride(), k_cache.stride()
+    s_strides = k_scale.stride() if k_scale is not None else (0, 0, 0)
     p_strides, l_strides = o_part.stride(), lse_part.stride()
     _paged_decode_kernel[plan.partial_grid](
         q,
         k_cache,
         v_cache,
+        k_scale,
+        v_scale,
         block_table,
         ctx,
         o_part,
@@ -570,6 +674,9 @@ def _launch_decode(
         k_strides[0],
         k_strides[1],
         k_strides[2],
+        s_strides[0],
+        s_strides[1],
+        s_strides[2],
         block_table.stride(0),
         p_strides[0],
         p_strides[1],

@@ -20,6 +20,10 @@ masked when it crosses the part's start, its run's end or the causal bound of th
 row; column tiles always are. Each iteration loads the next tile's index entries and block-table
 pages ahead, so K/V addresses never wait on a load of the same iteration (the pipeliner can
 then keep several tiles in flight). Rows without any key get out = 0, lse = -inf.
+
+FP8 cache (k_scale / v_scale [num_blocks, page, Hkv] float32 given; KV_FP8 constexpr): fp8
+K/V rows converted to the dot dtype (fp16 for bf16 queries), each key's logits times its k
+scale, P times the v scale before P @ V (flash_prefill.py's module doc).
 """
 
 from __future__ import annotations
@@ -30,7 +34,14 @@ import torch
 import triton
 import triton.language as tl
 
-from longctx.ops.triton.flash_prefill import LOG2E, dtype_flags, interpreting
+from longctx.ops.triton.flash_prefill import (
+    LOG2E,
+    _fp8_pv,
+    _fp8_query,
+    check_kv_dtypes,
+    dtype_flags,
+    interpreting,
+)
 from longctx.sparse.convert import SegmentIndex
 
 
@@ -79,21 +90,36 @@ def _attend(
     q,
     K,
     V,
+    K_SCALE,
+    V_SCALE,
+    BT,
     rows,
     offs,
     key_ok,
     row_hi,
     need_mask,
+    stride_sb,
+    stride_ss,
     HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
-    """One online-softmax step over BLOCK_N keys at positions offs, cache rows `rows`."""
+    """One online-softmax step over BLOCK_N keys at positions offs, cache rows `rows`. An fp8
+    cache's scales are addressed here (the block-table entries again: L1 hits), so the
+    other caches' loops carry nothing more."""
     ptrs = rows[:, None] + tl.arange(0, HEAD_DIM)[None, :]
+    if KV_FP8:
+        s_rows = _cache_rows(BT, offs, key_ok, stride_sb, stride_ss, PAGE_SIZE)
     k = tl.load(K + ptrs, mask=key_ok[:, None], other=0.0)
-    if UPCAST:
+    if KV_FP8:
+        k = k.to(q.dtype)
+    elif UPCAST:
         k = k.to(tl.float32)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    if KV_FP8:
+        qk = qk * tl.load(K_SCALE + s_rows, mask=key_ok, other=0.0)[None, :]
     if need_mask:
         seen = key_ok[None, :] & (offs[None, :] < row_hi[:, None])
         qk = tl.where(seen, qk, float("-inf"))
@@ -103,9 +129,13 @@ def _attend(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     v = tl.load(V + ptrs, mask=key_ok[:, None], other=0.0)
-    if UPCAST:
-        v = v.to(tl.float32)
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    if KV_FP8:  # P times each key's v scale (relative to the tile's largest), l keeps plain p
+        v_sc = tl.load(V_SCALE + s_rows, mask=key_ok, other=0.0)
+        acc = _fp8_pv(acc, p, v, v_sc, q.dtype, DOT_PREC)
+    else:
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, m_new, l_i
 
 
@@ -126,6 +156,8 @@ def _vs_sparse_kernel(
     Q,
     K,
     V,
+    K_SCALE,
+    V_SCALE,
     BT,
     Out,
     LSE,
@@ -144,6 +176,9 @@ def _vs_sparse_kernel(
     stride_kb,
     stride_ks,
     stride_kh,
+    stride_sb,
+    stride_ss,
+    stride_sh,
     stride_ot,
     stride_oh,
     stride_lh,
@@ -164,6 +199,7 @@ def _vs_sparse_kernel(
     PAGE_SIZE: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     # -- program set-up: one q head, one query block (latest first)
     head = tl.program_id(0).to(tl.int64)
@@ -177,6 +213,10 @@ def _vs_sparse_kernel(
     kv_off = (head // GROUPS) * stride_kh
     Kh = K + kv_off
     Vh = V + kv_off
+    if KV_FP8:
+        s_off = (head // GROUPS) * stride_sh
+        K_SCALE += s_off
+        V_SCALE += s_off
     rows = offs_m.to(tl.int64)
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -193,7 +233,9 @@ def _vs_sparse_kernel(
         q = tl.load(q_ptrs + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
         q = q * qk_scale
         if not UPCAST:
-            q = q.to(K.dtype.element_ty)
+            q = q.to(Q.dtype.element_ty)
+        if KV_FP8:
+            q = _fp8_query(q)
 
         # -- loop 1: slash tiles, the next tile's span and pages read one iteration ahead
         TO = TILE_O + p64 * stride_tp + head * stride_th
@@ -212,8 +254,8 @@ def _vs_sparse_kernel(
             n_kr = _cache_rows(BT, n_offs, n_ok, stride_kb, stride_ks, PAGE_SIZE)
             need_mask = (start < lo) | (end < start + BLOCK_N) | (start + BLOCK_N > hi_all)
             acc, m_i, l_i = _attend(
-                acc, m_i, l_i, q, Kh, Vh, kr, offs, key_ok, row_hi, need_mask,
-                HEAD_DIM, UPCAST, DOT_PREC,
+                acc, m_i, l_i, q, Kh, Vh, K_SCALE, V_SCALE, BT, kr, offs, key_ok, row_hi,
+                need_mask, stride_sb, stride_ss, HEAD_DIM, PAGE_SIZE, UPCAST, DOT_PREC, KV_FP8,
             )  # fmt: skip
             start, end, offs, key_ok, kr = n_start, n_end, n_offs, n_ok, n_kr
 
@@ -229,8 +271,8 @@ def _vs_sparse_kernel(
             n_cols = tl.load(CB + n_idx, mask=n_ok, other=0)
             n_kr = _cache_rows(BT, n_cols, n_ok, stride_kb, stride_ks, PAGE_SIZE)
             acc, m_i, l_i = _attend(
-                acc, m_i, l_i, q, Kh, Vh, kr, cols, col_ok, row_hi, True,
-                HEAD_DIM, UPCAST, DOT_PREC,
+                acc, m_i, l_i, q, Kh, Vh, K_SCALE, V_SCALE, BT, kr, cols, col_ok, row_hi,
+                True, stride_sb, stride_ss, HEAD_DIM, PAGE_SIZE, UPCAST, DOT_PREC, KV_FP8,
             )  # fmt: skip
             cols, col_ok, kr = n_cols, n_ok, n_kr
 
@@ -250,6 +292,8 @@ def _check_inputs(
     v: torch.Tensor,
     block_table: torch.Tensor,
     index: SegmentIndex,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     if q.dim() != 4 or q.shape[0] != len(index.parts) or q.shape[1] != index.num_rows:
         raise ValueError(
@@ -265,8 +309,7 @@ def _check_inputs(
         raise ValueError(f"index has {index.columns.shape[1]} heads, q has {hq}")
     if d not in (16, 32, 64, 128, 256):
         raise ValueError(f"head_dim must be a power of two in [16, 256], got {d}")
-    if q.dtype != k.dtype or k.dtype != v.dtype:
-        raise ValueError(f"q/k/v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    check_kv_dtypes(q, k, v, k_scale, v_scale)
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("q and k/v must be contiguous along head_dim")
     if block_table.dim() != 1 or block_table.dtype not in (torch.int32, torch.int64):
@@ -282,10 +325,13 @@ def vs_sparse_attention(
     *,
     scale: float,
     config: SparseKernelConfig | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [P, n, Hq, D] (part p rotated for part p) over the cache through block_table, visiting
-    what `index` lists -> (out [n, Hq, D], lse [Hq, n] float32)."""
-    _check_inputs(q, k_cache, v_cache, block_table, index)
+    what `index` lists -> (out [n, Hq, D], lse [Hq, n] float32). k_scale/v_scale: the float32
+    scales [num_blocks, page, Hkv] of an fp8 cache."""
+    _check_inputs(q, k_cache, v_cache, block_table, index, k_scale, v_scale)
     cfg = config or sparse_config(q.shape[3])
     if (index.block_m, index.block_n) != (cfg.block_m, cfg.block_n):
         raise ValueError(
@@ -300,12 +346,14 @@ def vs_sparse_attention(
     upcast, dot_prec = dtype_flags(q.dtype)
     tiles, ranges, cols, counts = index.tile_o, index.tile_range, index.columns, index.column_count
     grid = (hq, index.num_blocks)
+    s_strides = k_scale.stride() if k_scale is not None else (0, 0, 0)
     _vs_sparse_kernel[grid](
-        q, k_cache, v_cache, block_table, out, lse,
+        q, k_cache, v_cache, k_scale, v_scale, block_table, out, lse,
         tiles, index.tile_e, ranges, cols, counts, index.part_info,
         index.q_pos0, n, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        s_strides[0], s_strides[1], s_strides[2],
         out.stride(0), out.stride(1), lse.stride(0),
         tiles.stride(0), tiles.stride(1),
         ranges.stride(0), ranges.stride(1),
@@ -319,6 +367,7 @@ def vs_sparse_attention(
         PAGE_SIZE=k_cache.shape[1],
         UPCAST=upcast,
         DOT_PREC=dot_prec,
+        KV_FP8=k_scale is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
