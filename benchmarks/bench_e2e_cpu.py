@@ -3,6 +3,7 @@
 tokens/s, longctx beside transformers loading the same GGUF, same process, same threads.
 
   .venv/bin/python benchmarks/bench_e2e_cpu.py [--out benchmarks/results]
+  (benchmarks/results/e2e_cpu.md: OMP_NUM_THREADS=1, on a machine whose cores are shared)
 """
 
 from __future__ import annotations
