@@ -201,7 +201,8 @@ def _compile_case(case: dict) -> dict:
             const.update(K_DESC=None, V_DESC=None)
         opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     elif case["kernel"] == "decode":
-        cfg = (pd.FP8_DECODE_CONFIGS if fp8 else pd.DECODE_CONFIGS)[d]
+        # as paged_decode picks it: the fp8 config for dense fp8, the plain one otherwise
+        cfg = (pd.FP8_DECODE_CONFIGS if fp8 and not case["dca"] else pd.DECODE_CONFIGS)[d]
         fn = pd._paged_decode_kernel
         sig, attrs = _signature(
             fn, _DECODE_PTRS, _DECODE_INTS, ("qk_scale", "yarn_inv_orig"), dtype, fp8

@@ -96,6 +96,9 @@ DECODE_CONFIGS: dict[int, DecodeConfig] = {
 # H100, d=128, dense, 1M context: 468 us against 711 for the bf16 cache (1.52x); the bf16
 # config (4 warps, 3 stages, 2 per SM) gives 576, 8 warps 645, 128-key tiles 713
 # (benchmarks/results/fp8_kv_gpu.md times them all).
+# Dense only: the DCA variant (three query rotations, more registers) runs an fp8 cache faster
+# with the plain config: H200, 8 x 128K, 559 us against 743 with this one (bf16 cache: 480;
+# benchmarks/results/fp8_kv_gpu_decode_sweep_h200.md).
 FP8_DECODE_CONFIGS: dict[int, DecodeConfig] = {
     128: DecodeConfig(block_n=64, num_warps=4, num_stages=4, programs_per_sm=3),
 }
@@ -582,7 +585,7 @@ def paged_decode(
     a scratch shared by eager calls of the same shape on one stream. k_scale/v_scale: the
     float32 scales [num_blocks, page, Hkv] of an fp8 (float8_e4m3fn) cache.
     """
-    cfg = config or decode_config(q.shape[2], fp8=k_scale is not None)
+    cfg = config or decode_config(q.shape[2], fp8=k_scale is not None and dca is None)
     var = make_variant(q.shape[2], q.device, rope_theta, dca, yarn_original_max)
     plan = _plan(
         q,
