@@ -120,6 +120,16 @@ def _cases() -> dict[str, dict]:
     cases["decode-d128-fp16-page16"] = dict(
         kernel="decode", d=128, dtype="fp16", page=16, dca=False
     )
+    # the Hopper kernel (Gluon, warp-specialized) and its query-rotation pre-pass
+    for d in (64, 128):
+        for causal in (False, True):
+            cases[f"ws-d{d}-bf16-{'causal' if causal else 'range'}"] = dict(
+                kernel="ws", d=d, dtype="bf16", paged=True, page=128, causal=causal
+            )
+    cases["ws-d128-fp16-contiguous"] = dict(
+        kernel="ws", d=128, dtype="fp16", paged=False, page=128, causal=True
+    )
+    cases["rotate-d128-bf16-yarn"] = dict(kernel="rotate", d=128, dtype="bf16")
     # fp8 KV cache (float8_e4m3fn values + float32 scales), bf16 compute
     for dca in (False, True):
         name = "dca" if dca else "dense"
@@ -224,6 +234,15 @@ def _compile_case(case: dict) -> dict:
             **scales,
         )
         opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif case["kernel"] == "ws":
+        return _compile_ws(case)
+    elif case["kernel"] == "rotate":
+        fn = fp._rotate_queries_kernel
+        ptrs = dict(Q="*bf16", Out="*bf16", CU_Q="*i32", Q_POS0="*i32", INV_FREQ="*fp32")
+        ints = dict(stride_qt=4608, stride_qh=128, stride_ot=3584, stride_oh=128)
+        sig, attrs = _signature(fn, ptrs, ints, ("yarn_inv_orig",), case["dtype"])
+        const = dict(HEAD_DIM=case["d"], BLOCK_M=32, YARN=True, FAST_TRIG=True)
+        opts = dict(num_warps=4)
     else:
         fn = pd._decode_reduce_kernel
         sig, attrs = _signature(fn, _REDUCE_PTRS, _REDUCE_INTS, (), dtype)
@@ -231,6 +250,50 @@ def _compile_case(case: dict) -> dict:
         opts = dict(num_warps=4, launch_pdl=True)
     src = ASTSource(fn, sig, const, attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    return dict(shared=kernel.metadata.shared, num_warps=kernel.metadata.num_warps)
+
+
+def _compile_ws(case: dict) -> dict:
+    """The Gluon kernel with the descriptors and constants flash_prefill_ws launches it with."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    ws = importlib.import_module("longctx.ops.triton.flash_prefill_ws")
+    fn, d, dtype = ws._flash_prefill_ws_kernel, case["d"], case["dtype"]
+    gl_dtype = gl.bfloat16 if dtype == "bf16" else gl.float16
+    descs = {}
+    for name, rows in (("q_desc", ws.BLOCK_M), ("k_desc", ws.BLOCK_N), ("v_desc", ws.BLOCK_N)):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl_dtype)
+        descs[name] = f"tensordesc<{dtype}[{rows}, {d}],{layout!r}>"
+    ptrs = dict(Out=f"*{dtype}", LSE="*fp32", BT="*i64", CU_Q="*i32", Q_POS0="*i32")
+    ptrs.update(K_START="*i32", K_END="*i32")
+    const = dict(
+        GROUPS=7,
+        HEAD_DIM=d,
+        BLOCK_M=ws.BLOCK_M,
+        BLOCK_N=ws.BLOCK_N,
+        PAGE_SIZE=case["page"] if case["paged"] else ws.BLOCK_N,
+        PAGED=case["paged"],
+        CAUSAL=case["causal"],
+        STAGES=ws.STAGES,
+        COMPUTE_REGS=ws.COMPUTE_REGS,
+        LOADER_REGS=ws.LOADER_REGS,
+    )
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in descs:
+            sig[name] = descs[name]
+        elif name in ptrs:
+            sig[name] = ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in const:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = "fp32" if name == "qk_scale" else "i32"
+    src = GluonASTSource(fn, sig, const, attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
     return dict(shared=kernel.metadata.shared, num_warps=kernel.metadata.num_warps)
 
 

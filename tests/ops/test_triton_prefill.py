@@ -447,3 +447,26 @@ def test_rejects_bad_inputs():
         flash_prefill(torch.zeros(4, 2, 64), k, k, scale=1.0, dca=DCA(8, 2))
     with pytest.raises(ValueError, match="exceeds"):
         flash_prefill(torch.zeros(4, 2, 64), k, k, scale=1.0, k_end=9)
+
+
+def test_rotate_queries_prepass_matches_rope_and_yarn():
+    """The Hopper kernel's pre-pass: out = RoPE(q) at each row's absolute position, times
+    YaRN's f(p)^2 (positions past original_max, where f > 1), over a ragged varlen batch;
+    rows of other sequences and padding are untouched."""
+    gen = torch.Generator().manual_seed(11)
+    q_lens, q_pos0, orig = [37, 5, 70], [0, 900, 3000], 1024
+    q = torch.randn(sum(q_lens), 3, 64, generator=gen)
+    cu = torch.tensor([0, 37, 42, 112], dtype=torch.int32)
+    var = fp.make_variant(64, q.device, THETA, None, orig)
+    out = torch.full_like(q, float("nan"))
+    fp.rotate_queries(q, out, cu, torch.tensor(q_pos0, dtype=torch.int32), max(q_lens), var)
+    pos = torch.cat([torch.arange(n) + p0 for n, p0 in zip(q_lens, q_pos0)])
+    f = (0.1 * torch.log((pos + 1).double() / orig) + 1).clamp(min=1.0)
+    assert f.max() > 1.1 and f.min() == 1.0  # both sides of original_max are covered
+    # angles as the float32 product pos * inv_freq, the engine's convention (layers/rotary.py)
+    inv = 1.0 / (THETA ** (torch.arange(0, 64, 2).float() / 64))
+    ang = (pos.float()[:, None] * inv).double()
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    q1, q2 = q.double()[..., :32], q.double()[..., 32:]
+    expected = torch.cat((q1 * cos - q2 * sin, q2 * cos + q1 * sin), -1) * (f * f)[:, None, None]
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)

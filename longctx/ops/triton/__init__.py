@@ -2,7 +2,8 @@
 
 flash_prefill / flash_prefill_varlen: queries [T, Hq, D] against keys in the paged cache
 (or contiguous fresh keys), bottom-right causal or a key range, optional in-kernel RoPE,
-DCA and YaRN. paged_decode: one query per sequence, split-K over the paged cache.
+DCA and YaRN (on sm_90 the dense part runs the warp-specialized Gluon kernel of
+flash_prefill_ws.py). paged_decode: one query per sequence, split-K over the paged cache.
 All return (out, lse) with lse [Hq, tokens] float32 natural log, as longctx/ops/attention.py.
 """
 

@@ -68,6 +68,12 @@ the quantizer never writes it).
 
 Outputs: out [T, Hq, D] in q's dtype, lse [Hq, T] float32 natural log; a query with no keys
 gets out = 0, lse = -inf (the conventions of longctx/ops/attention.py).
+
+On sm_90 (H100/H200), flash_prefill_varlen hands what the Hopper kernel covers (no DCA parts,
+16-bit, head_dim 64/128, 128-key pages; config left to default) to the warp-specialized
+Gluon kernel of flash_prefill_ws.py (~15% faster), after rotating the queries (RoPE, and
+YaRN's f(p)^2) into out's rows with _rotate_queries_kernel. This kernel is the reference
+it is checked against and the fallback for everything else.
 """
 
 from __future__ import annotations
@@ -80,6 +86,8 @@ from typing import Protocol
 import torch
 import triton
 import triton.language as tl
+
+from longctx.ops.triton import flash_prefill_ws as ws
 
 try:  # host-side tensor descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -727,6 +735,46 @@ def _flash_prefill_kernel(
     tl.store(LSE + head.to(tl.int64) * stride_lh + rows, lse, mask=row_ok)
 
 
+@triton.jit(do_not_specialize=["stride_qt", "stride_ot"])
+def _rotate_queries_kernel(
+    Q,
+    Out,
+    CU_Q,
+    Q_POS0,
+    INV_FREQ,
+    yarn_inv_orig,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    YARN: tl.constexpr,
+    FAST_TRIG: tl.constexpr,
+):
+    """out[row] = RoPE(q[row]) at its absolute position, times f(p)^2 with YaRN (the logit
+    factor moved onto the query): the pre-pass of the Hopper kernel, which takes rotated
+    queries."""
+    start_m = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_begin = tl.load(CU_Q + seq)
+    q_len = tl.load(CU_Q + seq + 1) - q_begin
+    if start_m >= q_len:
+        return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < q_len
+    pos = tl.load(Q_POS0 + seq) + offs_m
+    rows = (q_begin + offs_m).to(tl.int64)
+    Qh = Q + head.to(tl.int64) * stride_qh
+    q = _load_query(Qh, rows, row_ok, stride_qt, pos, INV_FREQ, HEAD_DIM, True, FAST_TRIG, True)
+    if YARN:
+        q = q * _yarn_row_scale(pos, 1.0, yarn_inv_orig, YARN)[:, None]
+    offs_d = tl.arange(0, HEAD_DIM)
+    o_ptrs = Out + rows[:, None] * stride_ot + head.to(tl.int64) * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, q.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
 # ----------------------------------------------------------------------------------------------
 # Host side. Wrappers run once per layer per step: everything that does not change between
 # calls (inv_freq, variants, descriptors, small index tensors) is cached, and nothing syncs.
@@ -914,6 +962,8 @@ def flash_prefill(
     limit = k.shape[0] if block_table is None else block_table.shape[1] * k.shape[1]
     if k_start < 0 or k_end > limit:
         raise ValueError(f"key range [{k_start}, {k_end}) exceeds the {limit} keys available")
+    if dca is not None and k_end <= dca.chunk_size - dca.local_size:
+        dca = None  # every query and key in the first DCA chunk: DCA is RoPE attention there
     # one device tensor [0, lq, q_pos0, k_start, k_end], sliced into the varlen arguments
     args = _int32_args(q.device, (0, lq, q_pos0, k_start, k_end))
     return flash_prefill_varlen(
@@ -988,6 +1038,27 @@ def flash_prefill_varlen(
         raise ValueError("out must have q's dtype and must not alias q")
     if q.shape[0] == 0 or max_seqlen_q == 0:
         return out, lse
+    fp8 = k_scale is not None
+    hopper = config is None and not var.dca and (var.rope or not var.yarn)
+    if hopper and ws.supported(q, k, v, out, paged, fp8):
+        if var.rope:  # the Hopper kernel takes rotated queries: rotate them into out's rows
+            rotate_queries(q, out, cu_seqlens_q, q_pos0, max_seqlen_q, var)
+        ws.flash_prefill_ws(
+            out if var.rope else q,
+            k,
+            v,
+            out,
+            lse,
+            qk_scale_log2=scale * LOG2E,
+            cu_seqlens_q=cu_seqlens_q,
+            max_seqlen_q=max_seqlen_q,
+            q_pos0=q_pos0,
+            k_start=k_start,
+            k_end=k_end,
+            block_table=block_table,
+            causal=causal,
+        )
+        return out, lse
     _launch_prefill(
         q,
         k,
@@ -1008,6 +1079,37 @@ def flash_prefill_varlen(
         v_scale,
     )
     return out, lse
+
+
+def rotate_queries(
+    q: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    q_pos0: torch.Tensor,
+    max_seqlen_q: int,
+    var: _Variant,
+) -> torch.Tensor:
+    """out[i] = RoPE(q[i]) at position q_pos0[s] + (i - cu_seqlens_q[s]) for the rows i of
+    sequence s, times YaRN's f(p)^2 when var.yarn (q, out [T, Hq, D]; out may alias q)."""
+    block_m = 64 if _INTERPRET else 32
+    grid = (-(-max_seqlen_q // block_m), q.shape[1], cu_seqlens_q.shape[0] - 1)
+    _rotate_queries_kernel[grid](
+        q,
+        out,
+        cu_seqlens_q,
+        q_pos0,
+        var.inv_freq,
+        var.yarn_inv_orig,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=q.shape[2],
+        BLOCK_M=block_m,
+        YARN=var.yarn,
+        FAST_TRIG=not _INTERPRET,
+    )
+    return out
 
 
 def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, paged: bool, cfg: KernelConfig):
