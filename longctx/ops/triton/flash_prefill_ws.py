@@ -13,14 +13,17 @@ do, with explicit warp specialization:
     compute 1   4 warps   O += P V; query rows [64, 128); each arrives on a slot's "empty"
                           barrier as soon as its wgmma finished reading it
 
-The two compute warpgroups share the K/V ring but are otherwise independent (no CTA barrier
-in the loop), so one's softmax (MUFU, FP32) overlaps the other's wgmma: H100, 7B heads,
-causal, 128-token pages: 587 TFLOP/s at 32K and 572 at 128K against 505 / 492 for the Triton
-kernel (cuDNN 622 / 566) in one run.
+The two compute warpgroups share the K/V ring but no CTA barrier. Per tile, a warpgroup
+issues P(j-1) @ V(j-1) and Q K(j)^T back to back, waits once, then runs the softmax of tile
+j; the warpgroups pass a "turn" token (an mbarrier pair) around their GEMM groups, so one's
+softmax (MUFU, FP32) overlaps the other's wgmma (FA3's ping-pong). H100, 7B heads, causal,
+128-token pages, one call: 644 TFLOP/s at 32K and 633 at 128K, against 503 / 492 for the
+Triton kernel and 620 / 567 for cuDNN (the steps: two independent warpgroups with a wait
+per GEMM 567 / 561, grouped GEMMs 637 / 630, ping-pong 644 / 633).
 
-Tried and dropped: FA3's intra-warpgroup overlap on top (S of tile j+1 issued before the
-softmax of tile j). With S(j+1), S(j), P and O live, ptxas (CUDA 12.9 of triton 3.6) serializes
-every wgmma for lack of registers at 240 per thread, and the kernel fell to 502 TFLOP/s.
+Tried and dropped: FA3's intra-warpgroup overlap (S of tile j+1 issued before the softmax of
+tile j). With S(j+1), S(j), P and O live, ptxas (CUDA 12.9 of triton 3.6) serializes every
+wgmma for lack of registers at 240 per thread (502 TFLOP/s).
 
 Scope (the engine's hot path; everything else stays on the Triton kernel): bf16/fp16
 queries and cache, head_dim 64 or 128, dense attention (no in-kernel RoPE / DCA / YaRN:
@@ -206,6 +209,123 @@ if HAVE_GLUON:
         _partition_barrier()
 
     @gluon.jit
+    def _attend_pingpong(
+        q_tile,
+        k_smem,
+        v_smem,
+        v_tail,
+        k_ready,
+        v_ready,
+        k_empty,
+        v_empty,
+        turn,
+        acc,
+        m_i,
+        l_i,
+        pos,
+        diag_key,
+        k_start,
+        k_end,
+        n_lo,
+        n_hi,
+        qk_scale,
+        WHICH: gl.constexpr,
+        CAUSAL: gl.constexpr,
+        BLOCK_M: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        HEAD_DIM: gl.constexpr,
+        STAGES: gl.constexpr,
+        s_layout: gl.constexpr,
+        o_layout: gl.constexpr,
+        p_layout: gl.constexpr,
+    ):
+        """The tile loop. The GEMMs of a step are grouped: P(j-1) @ V(j-1) and Q K(j)^T are
+        issued back to back and awaited once, then the softmax of tile j runs (one wgmma wait
+        per tile instead of two). The two compute warpgroups take turns for their GEMM groups
+        (an mbarrier "turn" token passed back and forth, FA3's inter-warpgroup ping-pong): one's
+        softmax runs while the other's GEMMs use the tensor core, instead of both issuing when
+        the same K/V tile lands. H100, 7B heads, causal, same call, 32K / 128K TFLOP/s: one
+        wait per GEMM 567 / 561, grouped 637 / 630, grouped + ping-pong 644 / 633 (cuDNN
+        620 / 567)."""
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        n = n_hi - n_lo
+        if n > 0:
+            # warpgroup 0 holds the token first: a fresh barrier passes a wait on parity 1
+            mbarrier.wait(turn.index(WHICH), (1 - WHICH) & 1)
+            mbarrier.wait(k_ready.index(0), 0)
+            s_tok = warpgroup_mma(
+                q_tile, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True
+            )
+            s_cur = warpgroup_mma_wait(0, deps=[s_tok])
+            mbarrier.arrive(turn.index(1 - WHICH), count=1)
+            mbarrier.arrive(k_empty.index(0), count=1)
+            p_op, alpha, m_i, l_i = _softmax_step(
+                s_cur,
+                m_i,
+                l_i,
+                n_lo * BLOCK_N,
+                pos,
+                diag_key,
+                k_start,
+                k_end,
+                qk_scale,
+                CAUSAL,
+                BLOCK_N,
+                s_layout,
+                o_layout,
+                p_layout,
+                q_tile.dtype,
+            )
+            for i in range(1, n):
+                prev = (i - 1) % STAGES
+                slot = i % STAGES
+                mbarrier.wait(turn.index(WHICH), (i + 1 - WHICH) & 1)
+                mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
+                o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                mbarrier.wait(k_ready.index(slot), (i // STAGES) & 1)
+                s_tok = warpgroup_mma(
+                    q_tile, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True
+                )
+                acc, s_cur = warpgroup_mma_wait(0, deps=[o_tok, s_tok])
+                mbarrier.arrive(turn.index(1 - WHICH), count=1)
+                mbarrier.arrive(v_empty.index(prev), count=1)
+                mbarrier.arrive(k_empty.index(slot), count=1)
+                p_op, alpha, m_i, l_i = _softmax_step(
+                    s_cur,
+                    m_i,
+                    l_i,
+                    (n_lo + i) * BLOCK_N,
+                    pos,
+                    diag_key,
+                    k_start,
+                    k_end,
+                    qk_scale,
+                    CAUSAL,
+                    BLOCK_N,
+                    s_layout,
+                    o_layout,
+                    p_layout,
+                    q_tile.dtype,
+                )
+                acc = acc * gl.expand_dims(alpha, 1)
+            last = (n - 1) % STAGES
+            key0 = (n_hi - 1) * BLOCK_N
+            mbarrier.wait(turn.index(WHICH), (n + 1 - WHICH) & 1)
+            mbarrier.wait(v_ready.index(last), ((n - 1) // STAGES) & 1)
+            if key0 + BLOCK_N > k_end:
+                # the rows past k_end are cache slots no token wrote (torch.empty: maybe NaN,
+                # and P = 0 times NaN is NaN): P @ V reads a zero-padded copy
+                _zero_padded_copy(v_smem.index(last), v_tail, k_end - key0, BLOCK_N, HEAD_DIM)
+                o_tok = warpgroup_mma(p_op, v_tail, acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=[o_tok])
+            else:
+                o_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=[o_tok])
+            mbarrier.arrive(turn.index(1 - WHICH), count=1)
+            mbarrier.arrive(v_empty.index(last), count=1)
+        return acc, m_i, l_i
+
+    @gluon.jit
     def _compute_partition(
         q_smem,
         k_smem,
@@ -216,6 +336,7 @@ if HAVE_GLUON:
         v_ready,
         k_empty,
         v_empty,
+        turn,
         Out,
         LSE,
         out_row0,
@@ -255,52 +376,40 @@ if HAVE_GLUON:
         m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=row_layout)
         l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_layout)
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
         # tiles past this one need the causal mask for some row of this warpgroup
         diag_key = pos0 + 1 - BLOCK_N
 
         mbarrier.wait(q_bar, 0)
-        for j in range(n_lo, n_hi):
-            i = j - n_lo
-            slot = i % STAGES
-            phase = (i // STAGES) & 1
-            mbarrier.wait(k_ready.index(slot), phase)
-            s_tok = warpgroup_mma(
-                q_tile, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True
-            )
-            s_cur = warpgroup_mma_wait(0, deps=[s_tok])
-            mbarrier.arrive(k_empty.index(slot), count=1)
-            p_op, alpha, m_i, l_i = _softmax_step(
-                s_cur,
-                m_i,
-                l_i,
-                j * BLOCK_N,
-                pos,
-                diag_key,
-                k_start,
-                k_end,
-                qk_scale,
-                CAUSAL,
-                BLOCK_N,
-                s_layout,
-                o_layout,
-                p_layout,
-                q_tile.dtype,
-            )
-            acc = acc * gl.expand_dims(alpha, 1)
-            mbarrier.wait(v_ready.index(slot), phase)
-            if j * BLOCK_N + BLOCK_N > k_end:
-                # the rows past k_end are cache slots no token wrote (torch.empty: maybe NaN,
-                # and P = 0 times NaN is NaN): P @ V reads a zero-padded copy
-                _zero_padded_copy(
-                    v_smem.index(slot), v_tail, k_end - j * BLOCK_N, BLOCK_N, HEAD_DIM
-                )
-                o_tok = warpgroup_mma(p_op, v_tail, acc, is_async=True)
-                acc = warpgroup_mma_wait(0, deps=[o_tok])
-            else:
-                o_tok = warpgroup_mma(p_op, v_smem.index(slot), acc, is_async=True)
-                acc = warpgroup_mma_wait(0, deps=[o_tok])
-            mbarrier.arrive(v_empty.index(slot), count=1)
+        acc, m_i, l_i = _attend_pingpong(
+            q_tile,
+            k_smem,
+            v_smem,
+            v_tail,
+            k_ready,
+            v_ready,
+            k_empty,
+            v_empty,
+            turn,
+            acc,
+            m_i,
+            l_i,
+            pos,
+            diag_key,
+            k_start,
+            k_end,
+            n_lo,
+            n_hi,
+            qk_scale,
+            WHICH,
+            CAUSAL,
+            BLOCK_M,
+            BLOCK_N,
+            HEAD_DIM,
+            STAGES,
+            s_layout,
+            o_layout,
+            p_layout,
+        )
 
         has_keys = l_i > 0.0
         l_safe = gl.where(has_keys, l_i, 1.0)
@@ -372,12 +481,15 @@ if HAVE_GLUON:
             v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
             k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
             v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+            turn = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
             mbarrier.init(q_bar, count=1)
             for st in gl.static_range(STAGES):
                 mbarrier.init(k_ready.index(st), count=1)
                 mbarrier.init(v_ready.index(st), count=1)
                 mbarrier.init(k_empty.index(st), count=2)  # both compute warpgroups
                 mbarrier.init(v_empty.index(st), count=2)
+            mbarrier.init(turn.index(0), count=1)
+            mbarrier.init(turn.index(1), count=1)
             fence_async_shared()
 
             out_row0 = q_begin + start_m
@@ -400,6 +512,7 @@ if HAVE_GLUON:
                             v_ready,
                             k_empty,
                             v_empty,
+                            turn,
                             Out_h,
                             LSE_h,
                             out_row0,
@@ -431,6 +544,7 @@ if HAVE_GLUON:
                             v_ready,
                             k_empty,
                             v_empty,
+                            turn,
                             Out_h,
                             LSE_h,
                             out_row0,
