@@ -13,9 +13,9 @@
    table (what the engine runs) with 128- and 64-token blocks (--page-size), and from
    contiguous keys: ours dense causal, ours DCA (C=262144/W=8192: no DCA effect below 254K,
    and C=32768/W=8192: all three parts), beside cuDNN SDPA, FlashAttention-2 SDPA and
-   compiled FlexAttention. On an H100/H200, dense attention over 128-token pages (and DCA
-   below its first chunk boundary) runs the warp-specialized Gluon kernel
-   (flash_prefill_ws.py); the "Triton kernel" row forces the Triton one on the same inputs.
+   compiled FlexAttention. On an H100/H200, attention over 128-token pages (dense, and DCA:
+   its parts as key ranges, one launch + LSE merge) runs the warp-specialized Gluon
+   kernel (flash_prefill_ws.py); "Triton kernel" rows force the Triton one on the same inputs.
    TFLOP/s with causal flops 2*2*L*L*D*Hq/2 (DCA attends to the same causal pairs).
 3. Decode at 32K..1M context (batch 1) and 128K (batch 8), one layer of KV, timed as CUDA-graph
    replays, against the copy floor: KV bytes / device-to-device copy bandwidth (read+write)
@@ -437,6 +437,19 @@ def prefill_at(
             (
                 f"ours DCA C=32768 W=8192 paged({page})",
                 partial(flash_prefill, q, kc, vc, dca=DCA_SMALL, **pkw, **dkw),
+            ),
+            (
+                f"ours DCA C=32768 W=8192 paged({page}), Triton kernel",
+                partial(
+                    flash_prefill,
+                    q,
+                    kc,
+                    vc,
+                    dca=DCA_SMALL,
+                    config=prefill_config(D, page),
+                    **pkw,
+                    **dkw,
+                ),
             ),
         ]
     rows = [

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from longctx.ops.triton import flash_prefill_varlen
+from longctx.ops.triton.flash_prefill import HostLayout
 from tests.ops.test_triton_prefill import (
+    DCA,
     THETA,
     assert_close,
     cached_keys,
@@ -115,3 +117,32 @@ def test_contiguous_keys_with_yarn():
     out, lse = _run(q, k, v, None, shapes, scale=d**-0.5, rope_theta=THETA, yarn_original_max=300)
     ref = reference(q, k, v, torch.arange(n), scale=d**-0.5, rope=True, yarn=300)
     assert_close(out, lse, *ref, dtype)
+
+
+@pytest.mark.parametrize("dca", [DCA(300, 44), DCA(200, 90)], ids=["c256", "c110"])
+def test_dca_parts_on_the_hopper_kernel(dca):
+    """DCA past its first chunk: rows cut at chunk boundaries, three rotated query variants,
+    one launch over (segment, part) key ranges, LSE merge; with the host layout given, as the
+    engine's backend passes it. YaRN on (positions past original_max)."""
+    gen = torch.Generator().manual_seed(4)
+    hq, hkv, d, dtype = 8, 2, 128, torch.bfloat16
+    shapes = [(700, 1000, 0), (1, 777, 0), (300, 300, 0), (129, 2000, 0)]
+    ks = [cached_keys(randn(c, hkv, d, dtype=dtype, gen=gen), dca, True) for _, c, _ in shapes]
+    vs = [randn(c, hkv, d, dtype=dtype, gen=gen) for _, c, _ in shapes]
+    qs = [randn(n, hq, d, dtype=dtype, gen=gen) for n, _, _ in shapes]
+    kc, vc, table = paged_kv(ks, vs, 128)
+    host = HostLayout(
+        tuple(n for n, _, _ in shapes),
+        tuple(c - n for n, c, _ in shapes),
+        (0,) * len(shapes),
+        tuple(c for _, c, _ in shapes),
+    )
+    kw = dict(scale=d**-0.5, rope_theta=THETA, dca=dca, yarn_original_max=500, host=host)
+    out, lse = _run(torch.cat(qs), kc, vc, table, shapes, **kw)
+    refs = [
+        reference(qi, ki, vi, torch.arange(c - n, c), scale=d**-0.5, dca=dca, yarn=500)
+        for qi, ki, vi, (n, c, _) in zip(qs, ks, vs, shapes)
+    ]
+    ref_out = torch.cat([r[0] for r in refs])
+    ref_lse = torch.cat([r[1] for r in refs], dim=1)
+    assert_close(out, lse, ref_out, ref_lse, dtype)

@@ -129,7 +129,8 @@ def _cases() -> dict[str, dict]:
     cases["ws-d128-fp16-contiguous"] = dict(
         kernel="ws", d=128, dtype="fp16", paged=False, page=128, causal=True
     )
-    cases["rotate-d128-bf16-yarn"] = dict(kernel="rotate", d=128, dtype="bf16")
+    cases["rotate-d128-bf16-dca-yarn"] = dict(kernel="rotate", d=128, dtype="bf16")
+    cases["merge-d128-bf16"] = dict(kernel="merge", d=128, dtype="bf16")
     # fp8 KV cache (float8_e4m3fn values + float32 scales), bf16 compute
     for dca in (False, True):
         name = "dca" if dca else "dense"
@@ -240,8 +241,16 @@ def _compile_case(case: dict) -> dict:
         fn = fp._rotate_queries_kernel
         ptrs = dict(Q="*bf16", Out="*bf16", CU_Q="*i32", Q_POS0="*i32", INV_FREQ="*fp32")
         ints = dict(stride_qt=4608, stride_qh=128, stride_ot=3584, stride_oh=128)
+        ints.update(chunk_len=253952, chunk_size=262144, stride_op=3584 * 32768)
         sig, attrs = _signature(fn, ptrs, ints, ("yarn_inv_orig",), case["dtype"])
-        const = dict(HEAD_DIM=case["d"], BLOCK_M=32, YARN=True, FAST_TRIG=True)
+        const = dict(HEAD_DIM=case["d"], BLOCK_M=32, DCA=True, YARN=True, FAST_TRIG=True)
+        opts = dict(num_warps=4)
+    elif case["kernel"] == "merge":
+        fn = fp._merge_parts_kernel
+        ptrs = dict(Parts="*bf16", PartLSE="*fp32", Out="*bf16", LSE="*fp32")
+        ints = dict(n_rows=32768, stride_lh=98304, stride_ot=3584, stride_oh=128, stride_mh=32768)
+        sig, attrs = _signature(fn, ptrs, ints, (), case["dtype"])
+        const = dict(NUM_PARTS=3, HEAD_DIM=case["d"], BLOCK_M=32)
         opts = dict(num_warps=4)
     else:
         fn = pd._decode_reduce_kernel

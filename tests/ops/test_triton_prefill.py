@@ -470,3 +470,84 @@ def test_rotate_queries_prepass_matches_rope_and_yarn():
     q1, q2 = q.double()[..., :32], q.double()[..., 32:]
     expected = torch.cat((q1 * cos - q2 * sin, q2 * cos + q1 * sin), -1) * (f * f)[:, None, None]
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_rotate_queries_dca_parts():
+    """With DCA the pre-pass writes the inter / successive / intra rotations [3, T, Hq, D]."""
+    gen = torch.Generator().manual_seed(12)
+    dca, q_lens, q_pos0 = DCA(48, 16), [40, 9], [0, 70]
+    q = torch.randn(sum(q_lens), 2, 32, generator=gen)
+    var = fp.make_variant(32, q.device, THETA, dca, None)
+    out = torch.full((3, *q.shape), float("nan"))
+    cu = torch.tensor([0, 40, 49], dtype=torch.int32)
+    fp.rotate_queries(q, out, cu, torch.tensor(q_pos0, dtype=torch.int32), 40, var)
+    pos = torch.cat([torch.arange(n) + p0 for n, p0 in zip(q_lens, q_pos0)])
+    for part, rot in enumerate(dca_query_positions(pos, dca)):
+        torch.testing.assert_close(out[part].double(), rope64(q, rot), atol=2e-5, rtol=2e-5)
+
+
+def test_merge_parts_kernel_matches_merge_attention():
+    """Log-sum-exp merge with a part without keys on some rows and rows without any keys."""
+    from longctx.ops.attention import merge_attention
+
+    gen = torch.Generator().manual_seed(13)
+    t, hq, d = 37, 3, 64
+    parts = torch.randn(3, t, hq, d, generator=gen)
+    lse = torch.randn(hq, 3 * t, generator=gen) * 3
+    lse[:, t : t + 10] = float("-inf")  # part 1 empty on rows 0-9
+    for part in range(3):
+        lse[:, part * t + 30 : part * t + 33] = float("-inf")  # rows 30-32: no keys at all
+    out, out_lse = torch.full((t, hq, d), float("nan")), torch.full((hq, t), float("nan"))
+    fp.merge_parts(parts, lse, out, out_lse)
+    ref = merge_attention([(parts[p], lse[:, p * t : (p + 1) * t]) for p in range(3)])
+    torch.testing.assert_close(out, ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_lse, ref[1])
+    assert (out[30:33] == 0).all()
+
+
+@pytest.mark.parametrize("dca", [DCA(48, 16), DCA(60, 35)], ids=["c32", "c25-wide-local"])
+def test_dca_as_key_ranges_equals_dca(monkeypatch, dca):
+    """The Hopper path's decomposition of DCA (rows cut at chunk boundaries, per part a plain
+    key range with pre-rotated queries, one varlen launch, LSE merge), run here with the
+    Triton kernel standing in for the Gluon one, equals the float64 DCA reference: chunks
+    spanning several DCA chunks, a one-token chunk, a sequence inside its first chunk."""
+    gen = torch.Generator().manual_seed(14)
+    hq, hkv, d, page = 4, 2, 32, 16
+    shapes = [(110, 200), (1, 131), (20, 20)]  # (query tokens, context after this pass)
+    ks = [cached_keys(torch.randn(c, hkv, d, generator=gen), dca, True) for _, c in shapes]
+    vs = [torch.randn(c, hkv, d, generator=gen) for _, c in shapes]
+    qs = [torch.randn(n, hq, d, generator=gen) for n, _ in shapes]
+    kc, vc, table = paged_kv(ks, vs, page)
+
+    def triton_instead(q, k, v, out, lse, *, qk_scale_log2, block_table, causal, **kw):
+        fp.flash_prefill_varlen(
+            q,
+            k,
+            v,
+            scale=qk_scale_log2 / fp.LOG2E,
+            block_table=block_table,
+            causal=causal,
+            config=SMALL,
+            out=out,
+            lse=lse,
+            **kw,
+        )
+
+    monkeypatch.setattr(fp.ws, "flash_prefill_ws", triton_instead)
+    q = torch.cat(qs)
+    out, lse = nan_like(q), torch.full((hq, q.shape[0]), float("nan"))
+    host = fp.HostLayout(
+        tuple(n for n, _ in shapes),
+        tuple(c - n for n, c in shapes),
+        (0, 0, 0),
+        tuple(c for _, c in shapes),
+    )
+    var = fp.make_variant(d, q.device, THETA, dca, None)
+    fp._dca_prefill_hopper(q, kc, vc, out, lse, d**-0.5, table, host, var)
+    refs = [
+        reference(qi, ki, vi, torch.arange(c - n, c), scale=d**-0.5, dca=dca)
+        for qi, ki, vi, (n, c) in zip(qs, ks, vs, shapes)
+    ]
+    assert_close(
+        out, lse, torch.cat([r[0] for r in refs]), torch.cat([r[1] for r in refs], 1), torch.float32
+    )

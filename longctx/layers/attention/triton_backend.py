@@ -5,7 +5,9 @@ kernels unrotated and are rotated there, so DCA's three query variants never rea
 and mixed steps use one varlen launch for the whole batch; decode-only steps use the split-K
 paged decode kernel. YaRN (with DCA) multiplies the logits of the query at p by f(p)^2, the same
 decision as the PyTorch DCA backend (longctx.ops.dca). An fp8 cache is quantized as it is
-written (kv_quant.py) and read by the kernels as fp8 tiles with their scales.
+written (kv_quant.py) and read by the kernels as fp8 tiles with their scales. On sm_90 the
+prefill runs the Hopper kernel (ops/triton/flash_prefill_ws.py); the host copies of the
+batch's integers in the metadata let DCA's parts run there too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from longctx.layers.attention.torch_backend import write_kv
 from longctx.layers.rotary import apply_rotary
 from longctx.ops.dca import key_positions
 from longctx.ops.triton import flash_prefill_varlen, paged_decode
+from longctx.ops.triton.flash_prefill import HostLayout
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class TritonMetadata(AttentionMetadata):
     k_end: torch.Tensor | None = None  # int32 [B]: cached length after this step
     max_query_len: int = 0
     use_dca: bool = False  # False when every key is in the first DCA chunk (DCA == dense there)
+    host: HostLayout | None = None  # the per-sequence integers on the host (DCA on Hopper)
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -64,6 +68,12 @@ class TritonAttentionBackend(AttentionBackend):
             q_pos0=i32(q_pos0),
             k_end=i32(layout.context_lens),
             max_query_len=max(layout.query_lens),
+            host=HostLayout(
+                tuple(layout.query_lens),
+                tuple(q_pos0),
+                (0,) * len(q_pos0),
+                tuple(layout.context_lens),
+            ),
             use_dca=self.dca is not None
             and (layout.static or max(layout.context_lens) > self.dca.chunk_len),
         )
@@ -98,6 +108,7 @@ class TritonAttentionBackend(AttentionBackend):
             k_end=meta.k_end,
             block_table=meta.block_table,
             causal=True,
+            host=meta.host,
             **kw,
         )
         return out

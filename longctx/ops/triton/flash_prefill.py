@@ -79,6 +79,7 @@ it is checked against and the fallback for everything else.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Protocol
@@ -735,7 +736,7 @@ def _flash_prefill_kernel(
     tl.store(LSE + head.to(tl.int64) * stride_lh + rows, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["stride_qt", "stride_ot"])
+@triton.jit(do_not_specialize=["stride_qt", "stride_ot", "stride_op"])
 def _rotate_queries_kernel(
     Q,
     Out,
@@ -743,18 +744,23 @@ def _rotate_queries_kernel(
     Q_POS0,
     INV_FREQ,
     yarn_inv_orig,
+    chunk_len,
+    chunk_size,
     stride_qt,
     stride_qh,
     stride_ot,
     stride_oh,
+    stride_op,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    DCA: tl.constexpr,
     YARN: tl.constexpr,
     FAST_TRIG: tl.constexpr,
 ):
-    """out[row] = RoPE(q[row]) at its absolute position, times f(p)^2 with YaRN (the logit
-    factor moved onto the query): the pre-pass of the Hopper kernel, which takes rotated
-    queries."""
+    """The pre-pass of the Hopper kernel, which takes rotated queries: out[row] = RoPE(q[row])
+    at its absolute position p, times f(p)^2 with YaRN (the logit factor moved onto the
+    query). With DCA, the three query variants: out[part, row] rotated at the part's
+    position (inter, successive, intra: _part_ranges), part stride stride_op."""
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -767,12 +773,60 @@ def _rotate_queries_kernel(
     pos = tl.load(Q_POS0 + seq) + offs_m
     rows = (q_begin + offs_m).to(tl.int64)
     Qh = Q + head.to(tl.int64) * stride_qh
-    q = _load_query(Qh, rows, row_ok, stride_qt, pos, INV_FREQ, HEAD_DIM, True, FAST_TRIG, True)
-    if YARN:
-        q = q * _yarn_row_scale(pos, 1.0, yarn_inv_orig, YARN)[:, None]
+    factor = _yarn_row_scale(pos, 1.0, yarn_inv_orig, YARN)[:, None]
     offs_d = tl.arange(0, HEAD_DIM)
     o_ptrs = Out + rows[:, None] * stride_ot + head.to(tl.int64) * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, q.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    NUM_PARTS: tl.constexpr = 3 if DCA else 1
+    for part in tl.static_range(NUM_PARTS):
+        rot = _part_ranges(part, pos, 0, _NO_KEY_LIMIT, chunk_len, chunk_size, True, DCA)[2]
+        q = _load_query(Qh, rows, row_ok, stride_qt, rot, INV_FREQ, HEAD_DIM, True, FAST_TRIG, True)
+        tl.store(
+            o_ptrs + part * stride_op, (q * factor).to(Out.dtype.element_ty), mask=row_ok[:, None]
+        )
+
+
+@triton.jit(do_not_specialize=["n_rows", "stride_lh", "stride_ot", "stride_mh"])
+def _merge_parts_kernel(
+    Parts,
+    PartLSE,
+    Out,
+    LSE,
+    n_rows,
+    stride_lh,
+    stride_ot,
+    stride_oh,
+    stride_mh,
+    NUM_PARTS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Merge attentions over disjoint key sets by log-sum-exp (longctx.ops.attention.
+    merge_attention): parts [P, T, Hq, D] contiguous, part_lse [Hq, P * T] -> out, lse."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    head = tl.program_id(1).to(tl.int64)
+    row_ok = offs_m < n_rows
+    rows = offs_m.to(tl.int64)
+    hq = tl.num_programs(1)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for part in tl.static_range(NUM_PARTS):
+        lse_p = tl.load(PartLSE + head * stride_lh + part * n_rows + rows, mask=row_ok)
+        m = tl.maximum(m, lse_p)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for part in tl.static_range(NUM_PARTS):
+        lse_p = tl.load(PartLSE + head * stride_lh + part * n_rows + rows, mask=row_ok)
+        w = tl.exp(lse_p - m_safe)  # exp(-inf) = 0 for a part without keys
+        src = Parts + ((part * n_rows + rows) * hq + head)[:, None] * HEAD_DIM + offs_d[None, :]
+        acc += w[:, None] * tl.load(src, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        total += w
+    has_keys = total > 0.0
+    out = acc / tl.where(has_keys, total, 1.0)[:, None]
+    o_ptrs = Out + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    lse = tl.where(has_keys, m_safe + tl.log(tl.where(has_keys, total, 1.0)), float("-inf"))
+    tl.store(LSE + head * stride_mh + rows, lse, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -857,6 +911,11 @@ def dtype_flags(dtype: torch.dtype) -> tuple[bool, str]:
     if dtype not in _DTYPE_FLAGS:
         raise ValueError(f"unsupported dtype {dtype}")
     return _DTYPE_FLAGS[dtype]
+
+
+@functools.lru_cache(maxsize=256)
+def _int64_args(device: torch.device, values: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64).to(device)
 
 
 @functools.lru_cache(maxsize=256)
@@ -986,6 +1045,7 @@ def flash_prefill(
         lse=lse,
         k_scale=k_scale,
         v_scale=v_scale,
+        host=HostLayout((lq,), (q_pos0,), (k_start,), (k_end,)),
     )
 
 
@@ -1010,12 +1070,15 @@ def flash_prefill_varlen(
     lse: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    host: HostLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen batch: q [T, Hq, D] holds B sequences, sequence s at rows
     cu_seqlens_q[s]:cu_seqlens_q[s+1] (int32 [B+1]); q_pos0, k_start, k_end: int32 [B];
     block_table [B, max_blocks] must cover k_end[s] tokens of sequence s. max_seqlen_q (host
     int) sizes the grid. k_scale/v_scale: an fp8 cache's scales [num_blocks, page, Hkv]
-    (contiguous keys: [Lk, Hkv]). Returns (out [T, Hq, D], lse [Hq, T] float32 natural log)."""
+    (contiguous keys: [Lk, Hkv]). host: the same per-sequence integers on the host, which
+    lets DCA run on the Hopper kernel (split at chunk boundaries). Returns (out [T, Hq, D],
+    lse [Hq, T] float32 natural log)."""
     _check_prefill_inputs(q, k, v, block_table, k_scale, v_scale)
     nseq = cu_seqlens_q.shape[0] - 1
     if k_start is None:
@@ -1039,8 +1102,13 @@ def flash_prefill_varlen(
     if q.shape[0] == 0 or max_seqlen_q == 0:
         return out, lse
     fp8 = k_scale is not None
-    hopper = config is None and not var.dca and (var.rope or not var.yarn)
-    if hopper and ws.supported(q, k, v, out, paged, fp8):
+    hopper = (
+        config is None and (var.rope or not var.yarn) and ws.supported(q, k, v, out, paged, fp8)
+    )
+    if hopper and var.dca and host is not None:
+        _dca_prefill_hopper(q, k, v, out, lse, scale, block_table, host, var)
+        return out, lse
+    if hopper and not var.dca:
         if var.rope:  # the Hopper kernel takes rotated queries: rotate them into out's rows
             rotate_queries(q, out, cu_seqlens_q, q_pos0, max_seqlen_q, var)
         ws.flash_prefill_ws(
@@ -1089,8 +1157,9 @@ def rotate_queries(
     max_seqlen_q: int,
     var: _Variant,
 ) -> torch.Tensor:
-    """out[i] = RoPE(q[i]) at position q_pos0[s] + (i - cu_seqlens_q[s]) for the rows i of
-    sequence s, times YaRN's f(p)^2 when var.yarn (q, out [T, Hq, D]; out may alias q)."""
+    """RoPE (and YaRN's f(p)^2) of q [T, Hq, D] at each row's absolute position q_pos0[s] +
+    (i - cu_seqlens_q[s]) into out [T, Hq, D] (may alias q); with var.dca, out is [3, T, Hq, D]
+    and holds the inter / successive / intra rotations."""
     block_m = 64 if _INTERPRET else 32
     grid = (-(-max_seqlen_q // block_m), q.shape[1], cu_seqlens_q.shape[0] - 1)
     _rotate_queries_kernel[grid](
@@ -1100,16 +1169,130 @@ def rotate_queries(
         q_pos0,
         var.inv_freq,
         var.yarn_inv_orig,
+        var.dca_chunk_len,
+        var.dca_chunk_size,
         q.stride(0),
         q.stride(1),
-        out.stride(0),
-        out.stride(1),
+        out.stride(-3),
+        out.stride(-2),
+        out.stride(0) if var.dca else 0,
         HEAD_DIM=q.shape[2],
         BLOCK_M=block_m,
+        DCA=var.dca,
         YARN=var.yarn,
         FAST_TRIG=not _INTERPRET,
     )
     return out
+
+
+def merge_parts(
+    parts: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> None:
+    """out, lse = the log-sum-exp merge of parts [P, T, Hq, D] (contiguous) with part_lse
+    [Hq, P * T] (part p's row r at column p * T + r); out [T, Hq, D], lse [Hq, T]."""
+    n_parts, t, hq, d = parts.shape
+    block_m = 64 if _INTERPRET else 32
+    _merge_parts_kernel[(-(-t // block_m), hq)](
+        parts,
+        part_lse,
+        out,
+        lse,
+        t,
+        part_lse.stride(0),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        NUM_PARTS=n_parts,
+        HEAD_DIM=d,
+        BLOCK_M=block_m,
+    )
+
+
+@dataclass(frozen=True)
+class HostLayout:
+    """Host copies of a varlen call's per-sequence integers (the scheduler knows them): what
+    splitting DCA's query rows at chunk boundaries needs without reading the GPU."""
+
+    q_lens: tuple[int, ...]
+    q_pos0: tuple[int, ...]
+    k_start: tuple[int, ...]
+    k_end: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=64)
+def _dca_plan(host: HostLayout, chunk_len: int) -> tuple[tuple[int, ...], ...]:
+    """DCA as a varlen batch for the Hopper kernel. Each sequence's query rows are cut where
+    their DCA chunk n = p // c changes; a segment is then, per part, a plain key range seen by
+    every row with one query rotation: inter [k_start, (n-1)c), successive [(n-1)c, nc),
+    intra [nc, p] (causal; the other two lie wholly before p, so the causal mask is a no-op
+    there). Pseudo-sequences run part-major (row r of part p is row p * T + r of the rotated
+    queries), an empty range where a part has no keys. Returns (cu, q_pos0, k_start, k_end,
+    sequence index, max rows) as tuples."""
+    segments = []  # (sequence, first row, rows, first position, n)
+    row = 0
+    for s, (lq, p0) in enumerate(zip(host.q_lens, host.q_pos0)):
+        p = p0
+        while p < p0 + lq:
+            n = p // chunk_len
+            end = min(p0 + lq, (n + 1) * chunk_len)
+            segments.append((s, row + p - p0, end - p, p, n))
+            p = end
+        row += lq
+    total = row
+    cu, pos0, k_lo, k_hi, seq = [0], [], [], [], []
+    for part in range(3):
+        for s, first, rows, p, n in segments:
+            ks, ke = host.k_start[s], host.k_end[s]
+            if part == 0:
+                lo, hi = ks, (n - 1) * chunk_len
+            elif part == 1:
+                lo, hi = (n - 1) * chunk_len, n * chunk_len
+            else:
+                lo, hi = n * chunk_len, ke
+            lo, hi = max(lo, ks), min(hi, ke)
+            if lo >= hi:
+                lo = hi = 0
+            cu.append(part * total + first + rows)
+            pos0.append(p)
+            k_lo.append(lo)
+            k_hi.append(hi)
+            seq.append(s)
+    max_rows = max((seg[2] for seg in segments), default=0)
+    return tuple(cu), tuple(pos0), tuple(k_lo), tuple(k_hi), tuple(seq), (max_rows,)
+
+
+def _dca_prefill_hopper(
+    q, k, v, out, lse, scale, block_table, host: HostLayout, var: _Variant
+) -> None:
+    """DCA prefill on the Hopper kernel: the three rotated query variants (one pre-pass), one
+    varlen launch over the (segment, part) pseudo-sequences, one LSE merge."""
+    t, hq, d = q.shape
+    cu, pos0, k_lo, k_hi, seq, (max_rows,) = _dca_plan(host, var.dca_chunk_len)
+    dev = q.device
+    q_parts = torch.empty((3, t, hq, d), dtype=q.dtype, device=dev)
+    cu_q = _int32_args(dev, (0, *itertools.accumulate(host.q_lens)))
+    rotate_queries(q, q_parts, cu_q, _int32_args(dev, host.q_pos0), max(host.q_lens), var)
+    out_parts = torch.empty_like(q_parts)
+    lse_parts = torch.empty((hq, 3 * t), dtype=torch.float32, device=dev)
+    table = None
+    if block_table is not None:
+        table = block_table.index_select(0, _int64_args(dev, seq))
+    ws.flash_prefill_ws(
+        q_parts.view(3 * t, hq, d),
+        k,
+        v,
+        out_parts.view(3 * t, hq, d),
+        lse_parts,
+        qk_scale_log2=scale * LOG2E,
+        cu_seqlens_q=_int32_args(dev, cu),
+        max_seqlen_q=max_rows,
+        q_pos0=_int32_args(dev, pos0),
+        k_start=_int32_args(dev, k_lo),
+        k_end=_int32_args(dev, k_hi),
+        block_table=table,
+        causal=True,
+    )
+    merge_parts(out_parts, lse_parts, out, lse)
 
 
 def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, paged: bool, cfg: KernelConfig):
