@@ -2,6 +2,8 @@
 
   PYTHONPATH=. python benchmarks/bench_sparse_gpu.py --out $OUT            # full (~6-8 min)
   PYTHONPATH=. python benchmarks/bench_sparse_gpu.py --quick --out $OUT    # 128K only (~1 min)
+  PYTHONPATH=. python benchmarks/bench_sparse_gpu.py --lengths 1024 --skip-configs --skip-ttft \
+      --out $OUT                                                  # the 1M rows, DCA ones too
 
 28 q / 4 kv heads, d=128, bf16, keys/values in a paged cache (64-token pages, shuffled table).
 Random weights give random attention (DESIGN.md section 5), so the kernel runs FIXED patterns at
@@ -18,6 +20,27 @@ the default budget (1000 vertical / 6096 slash per head), per head:
    pattern) + kernel. Speedup beside MInference's (DESIGN.md section 5: 4.7x/21x/44x local,
    1.4x/5.5x/10.3x mixed at 128K/512K/1M). cuDNN at 1M runs once (about 16 s); --dense-1m
    extrapolate uses 4x the 512K time instead.
+   Beside each row, a lower bound computed from the row's own selections and index
+   (`pattern_work`), with the copy bandwidth and cuDNN's dense rate measured in the same call:
+     pairs      (row, key) pairs the pattern names, summed over q heads and parts: per row, the
+                selected diagonals (absolute distances; inter's in every older chunk) inside
+                the part's keys the row sees, plus the columns the index keeps beside its
+                slash runs (a column inside a run's key range but on no selected diagonal is
+                left out, so pairs never exceeds the pattern's own count)
+     key_reads  K/V rows the q heads must bring from memory: per row, one per slash run it
+                crosses, plus every selected column once per q head. A row sweeping down a run
+                meets one key its predecessor did not, so a band costs one K/V row per row
+                however wide it is, and an isolated diagonal one K/V row per (row, diagonal)
+                pair, which nothing else reuses: its neighbour rows use other keys, and the q
+                heads' patterns differ. (A band's whole window once per row tile is no bound:
+                the next tiles find it in L2; for the local pattern at 1M that count is 1.45 TB,
+                485 ms of H100 copy, against a kernel that took 356 ms.)
+     floor_flops_ms = pairs x 4 D / (cuDNN causal FLOPs / cuDNN time)
+     floor_bytes_ms = key_reads x 2 (K, V) x D x 2 bytes / device copy bandwidth (bytes read
+                      + written per second of a 2 GiB copy)
+     floor_ms = max(floor_flops_ms, floor_bytes_ms) + the row's measured estimation;
+     best_speedup = dense_s / floor_ms, the most any kernel could reach with this pattern and
+     this estimation; kernel_vs_floor = kernel_ms / max(floor_flops_ms, floor_bytes_ms).
 3. Kernel configs (block sizes, stages) at 256K, both patterns.
 4. TTFT at 1M (mixed pattern), estimated: 28 x per-layer attention + linear layers (QKV, O,
    MLP of the 7B, measured on a 32K-token chunk) x 32 chunks x 28 layers; and how the chunked
@@ -50,6 +73,8 @@ from longctx.ops.triton.vs_sparse import (  # noqa: E402
 )
 from longctx.sparse.convert import SegmentIndex, convert_indices  # noqa: E402
 from longctx.sparse.estimate import (  # noqa: E402
+    NO_COLUMN,
+    NO_SLASH,
     PartSelection,
     SparsePart,
     estimate_indices,
@@ -127,10 +152,59 @@ def fixed_pattern(
 
 
 def keys_per_row(index: SegmentIndex) -> float:
-    """Mean keys a query row is scored against (whole tiles and column tiles)."""
+    """Mean keys a query row is scored against (whole tiles and column tiles), summed over the
+    parts."""
     tiles = (index.tile_range[..., 1] - index.tile_range[..., 0]).double()
     cols = -(-index.column_count.double() // index.block_n) * index.block_n
-    return float((tiles * index.block_n + cols).mean())
+    return float((tiles * index.block_n + cols).sum(0).mean())
+
+
+def pattern_work(sels: list[PartSelection], index: SegmentIndex) -> tuple[float, float]:
+    """(pairs, key_reads) of one segment's pattern (module doc), summed over heads and parts."""
+    pos = index.q_pos0 + torch.arange(index.num_rows, device=DEVICE)
+    m0, m1 = index.block_bounds()
+    pairs = key_reads = 0.0
+    for i, (sel, part) in enumerate(zip(sels, index.parts, strict=True)):
+        heads = sel.slash.shape[0]
+        row_hi = pos + 1 if part.causal else torch.full_like(pos, part.key_hi)
+        row_hi = row_hi.clamp(max=part.key_hi)
+        near = (pos - row_hi + 1).expand(heads, -1).contiguous()  # distances a row sees
+        far = (pos - part.key_lo).expand(heads, -1).contiguous()
+        shifts = torch.tensor(part.shifts(), device=DEVICE)
+        valid = (sel.slash != NO_SLASH)[..., None]
+        dist = torch.where(valid, sel.slash[..., None] + shifts, NO_SLASH).flatten(1).sort(1)[0]
+        inside = torch.searchsorted(dist, far, right=True) - torch.searchsorted(dist, near)
+        pairs += float(inside.sum())
+        # runs sorted by distance rising: crossed = starting at or below far, minus ending
+        # below near (NO_SLASH padding counts in both)
+        lo, hi = index.run_lo[i].flip(1).contiguous(), index.run_hi[i].flip(1).contiguous()
+        crossed = torch.searchsorted(lo, far, right=True) - torch.searchsorted(hi, near)
+        key_reads += float(crossed.sum()) + float((sel.vertical != NO_COLUMN).sum())
+        rows = m1 - m0
+        for h in range(heads):  # the columns each block keeps, times the rows that see them
+            cols = index.columns[i, h].long()
+            used = torch.arange(cols.shape[-1], device=DEVICE) < index.column_count[i, h, :, None]
+            seen = (m1[:, None] - cols).clamp(max=rows[:, None]) if part.causal else rows[:, None]
+            pairs += float(torch.where(used, seen, 0).sum())
+    return pairs, key_reads
+
+
+def floors(
+    pairs: float, key_reads: float, estimate_s: float, dense_s: float, length: int, copy_bw: float
+) -> dict:
+    """The lower-bound columns (module doc) from a pattern's work and this call's rates."""
+    dense_rate = 4 * D * HQ * length * (length + 1) / 2 / dense_s
+    flops_s = pairs * 4 * D / dense_rate
+    bytes_s = key_reads * 2 * D * DTYPE.itemsize / copy_bw
+    floor_s = max(flops_s, bytes_s) + estimate_s
+    return dict(
+        copy_tbps=copy_bw / 1e12,
+        dense_tflops=dense_rate / 1e12,
+        floor_flops_ms=flops_s * 1e3,
+        floor_bytes_ms=bytes_s * 1e3,
+        floor_ms=floor_s * 1e3,
+        best_speedup=dense_s / floor_s,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,6 +289,14 @@ def cudnn_takes_gqa() -> bool:
         return True
     except RuntimeError:
         return False
+
+
+def copy_bandwidth() -> float:
+    """Device copy bandwidth, bytes read + written per second (a 2 GiB buffer copied)."""
+    n = 2**31 if DEVICE == "cuda" else 2**24
+    src = torch.empty(n, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    return 2 * n / cuda_seconds(lambda: dst.copy_(src), reps=5)
 
 
 def kernel_config() -> SparseKernelConfig:
@@ -302,8 +384,10 @@ def time_estimation(q: torch.Tensor, cache: KVCache, table: torch.Tensor, length
 
 
 def sparse_layer(
-    q, cache, table, length: int, kind: str, cfg: SparseKernelConfig, reps: int
+    q, cache, table, length: int, kind: str, cfg: SparseKernelConfig, reps: int, work: bool = False
 ) -> dict:
+    """Conversion and kernel of one whole-length prefill; work: also the pattern's pairs and
+    key reads (pattern_work)."""
     part = SparsePart(0, length, causal=True)
     sel = fixed_pattern(kind, part, 0, length, seed=length + len(kind))
     convert = lambda: convert_indices(
@@ -318,17 +402,30 @@ def sparse_layer(
         reps=reps,
     )
     keys = keys_per_row(index)
-    return dict(
+    res = dict(
         convert_ms=convert_s * 1e3,
         kernel_ms=kernel_s * 1e3,
         keys_per_row=keys,
         kernel_tflops=4 * D * HQ * length * keys / kernel_s / 1e12,
     )
+    if work:
+        res["pairs"], res["key_reads"] = pattern_work([sel], index)
+    return res
+
+
+def with_floors(res: dict, estimate_s: float, dense_s: float, length: int, copy_bw: float) -> dict:
+    """res (sparse_layer / dca_layer) with the lower-bound columns in place of its work counts."""
+    out = {k: v for k, v in res.items() if k not in ("pairs", "key_reads")}
+    out |= floors(res["pairs"], res["key_reads"], estimate_s, dense_s, length, copy_bw)
+    bound_ms = max(out["floor_flops_ms"], out["floor_bytes_ms"])
+    return out | dict(kernel_vs_floor=res["kernel_ms"] / bound_ms)
 
 
 def per_layer(lengths: list[int], dense_1m: str, rows: list[dict], flush) -> dict[int, float]:
     cfg = kernel_config()
     gqa = cudnn_takes_gqa()
+    copy_bw = copy_bandwidth()
+    log(f"device copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)")
     dense_s: dict[int, float] = {}
     for length in lengths:
         log(f"per-layer attention at {length // K}K")
@@ -352,7 +449,7 @@ def per_layer(lengths: list[int], dense_1m: str, rows: list[dict], flush) -> dic
         log(f"  dense {dense_s[length]:.3f} s ({dense_note}), estimation {est_s * 1e3:.1f} ms")
         for kind in ("local", "mixed"):
             try:
-                res = sparse_layer(q, cache, table, length, kind, cfg, reps_for(length))
+                res = sparse_layer(q, cache, table, length, kind, cfg, reps_for(length), True)
             except torch.cuda.OutOfMemoryError as e:
                 rows.append(
                     dict(section="per-layer", tokens=length, pattern=kind, error=str(e)[:200])
@@ -360,6 +457,7 @@ def per_layer(lengths: list[int], dense_1m: str, rows: list[dict], flush) -> dic
                 free()
                 continue
             total_s = est_s + (res["convert_ms"] + res["kernel_ms"]) / 1e3
+            res = with_floors(res, est_s, dense_s[length], length, copy_bw)
             anchor = MINFERENCE.get(length, (None, None))[0 if kind == "local" else 1]
             speedup = dense_s[length] / total_s
             row = dict(
@@ -400,6 +498,7 @@ def per_layer(lengths: list[int], dense_1m: str, rows: list[dict], flush) -> dic
                     free()
                     continue
                 total_s = (res["estimate_ms"] + res["convert_ms"] + res["kernel_ms"]) / 1e3
+                res = with_floors(res, res["estimate_ms"] / 1e3, dense_s[length], length, copy_bw)
                 rows.append(
                     dict(
                         section="per-layer",
@@ -443,7 +542,7 @@ def dca_layer(q, cache, table, length: int, kind: str, cfg: SparseKernelConfig) 
         watch.mark()
         keys, _ = sequence_kv(cache, table, length, with_values=False)
         laps = dict(estimate=0.0, convert=0.0, kernel=0.0)
-        keys_sum = 0.0
+        keys_sum = pairs = key_reads = 0.0
         for seg, parts, sels in segs:
             qp = q[None, seg.q_start : seg.q_end].expand(len(parts), -1, -1, -1)
             estimate_indices(
@@ -459,12 +558,15 @@ def dca_layer(q, cache, table, length: int, kind: str, cfg: SparseKernelConfig) 
             vs_sparse_attention(qp, cache.k, cache.v, table, index, scale=SCALE, config=cfg)
             watch.mark()
             keys_sum += keys_per_row(index) * (seg.q_end - seg.q_start)
+            work = pattern_work(sels, index)
+            pairs, key_reads = pairs + work[0], key_reads + work[1]
+            watch.mark()  # the counting above is a lap of its own, timed nowhere
         lap = watch.laps()
         for i in range(len(segs)):
-            laps["estimate"] += lap[3 * i]
-            laps["convert"] += lap[3 * i + 1]
-            laps["kernel"] += lap[3 * i + 2]
-        return laps | {"keys_per_row": keys_sum / length}
+            laps["estimate"] += lap[4 * i]
+            laps["convert"] += lap[4 * i + 1]
+            laps["kernel"] += lap[4 * i + 2]
+        return laps | dict(keys_per_row=keys_sum / length, pairs=pairs, key_reads=key_reads)
 
     run()
     laps = run()
@@ -474,6 +576,8 @@ def dca_layer(q, cache, table, length: int, kind: str, cfg: SparseKernelConfig) 
         kernel_ms=laps["kernel"] * 1e3,
         keys_per_row=laps["keys_per_row"],
         kernel_tflops=4 * D * HQ * length * laps["keys_per_row"] / laps["kernel"] / 1e12,
+        pairs=laps["pairs"],
+        key_reads=laps["key_reads"],
     )
 
 
@@ -649,6 +753,13 @@ def main() -> None:
     p.add_argument("--dense-1m", choices=["measure", "extrapolate"], default="measure")
     p.add_argument("--skip-configs", action="store_true")
     p.add_argument(
+        "--lengths",
+        type=lambda x: [int(n) for n in x.split(",")],
+        help="per-layer lengths in K tokens, comma-separated (default 128,256,512,1024; "
+        "--quick 128); the DCA rows run at the longest",
+    )
+    p.add_argument("--skip-ttft", action="store_true", help="no TTFT estimate / chunk sweep")
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="tiny shapes on the CPU under TRITON_INTERPRET=1: checks the script, times nothing",
@@ -669,7 +780,9 @@ def main() -> None:
         "columns, the 6096 nearest diagonals; mixed = same columns, 90% nearest diagonals + 10% "
         "spread uniformly. sparse_ms = estimation (last 64 queries, random data, incl. key "
         "gather) + conversion + kernel. Dense = cuDNN SDPA causal. MInference anchors from "
-        "DESIGN.md section 5. kernel_tflops counts the whole tiles the kernel computes."
+        "DESIGN.md section 5. keys_per_row and kernel_tflops count the whole tiles the kernel "
+        "computes, all DCA parts together. Lower bounds (floor_*, best_speedup, "
+        "kernel_vs_floor): the script's docstring; copy_tbps and dense_tflops are this call's."
     )
 
     def flush() -> None:
@@ -682,10 +795,15 @@ def main() -> None:
 
     checks = run_checks()
     write_results(out, "sparse_gpu_checks", env, checks, "All checks passed.")
-    lengths = [128 * K] if args.quick else [128 * K, 256 * K, 512 * K, 1024 * K]
+    default = [128] if args.quick else [128, 256, 512, 1024]
+    lengths = [n * K for n in args.lengths or default]
     per_layer(lengths, args.dense_1m, rows, flush)
     if (args.dry_run or not args.quick) and not args.skip_configs:
         tune(256 * K, rows, flush)
+    if args.skip_ttft:
+        flush()
+        log(f"done in {time.time() - start:.0f} s")
+        return
     length = max(lengths)
     one_shot = {
         r["pattern"]: r["sparse_ms"] / 1e3

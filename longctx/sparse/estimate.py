@@ -144,7 +144,13 @@ def part_scores(
     """Vertical scores [Hq, keys of part] and slash scores [Hq, R + width - 1] per part.
 
     Slash index u is selection distance base - width + 1 + u, base = est_pos0 - key_lo +
-    q_shift (see `diagonal_sums`).
+    q_shift (see `DiagonalSums`).
+
+    The [g, R, keys] score tensors are what costs (memory bound: the matmul itself is tiny), so
+    each element makes few passes: logits stay in the query dtype until one fused
+    scale-and-shift writes them as float32 straight into the diagonal buffer, where they are
+    exponentiated, normalised and summed in place (about half the traffic of logsumexp,
+    exp(s - lse), a probability copy and a flipped copy).
     """
     _, rows, hq, _ = q_sel.shape
     groups = hq // keys.shape[1]
@@ -155,25 +161,37 @@ def part_scores(
     h0 = 0
     while h0 < hq:
         h1 = min(h0 + step, (h0 // groups + 1) * groups)  # one kv head per pass
-        scores = [
-            _scores(q_sel[i, :, h0:h1], keys[:, h0 // groups], p, est_pos0, scale)
-            for i, p in enumerate(parts)
-        ]
-        lse = torch.logsumexp(torch.stack([s.logsumexp(-1) for s in scores]), dim=0)  # [g, R]
-        for i, (s, p) in enumerate(zip(scores, parts)):
-            probs = torch.exp(s - lse[..., None])  # [g, R, keys]
-            vert[i][h0:h1] = probs.sum(1)
-            if p.fold:
-                probs = probs.unflatten(-1, (-1, p.fold)).sum(-2)
-            slash[i][h0:h1] = diagonal_sums(probs)
+        kv = keys[:, h0 // groups]
+        logits = [_logits(q_sel[i, :, h0:h1], kv, p, est_pos0) for i, p in enumerate(parts)]
+        # The softmax runs over the union of the parts: one row maximum across them all.
+        row_max = torch.stack([s.amax(-1) for s in logits]).amax(0).float()  # [g, R]
+        shift = (row_max * -scale)[..., None]
+        exps: list[tuple[Tensor, DiagonalSums | None]] = []
+        row_sum = torch.zeros_like(row_max)
+        for i, p in enumerate(parts):
+            s, logits[i] = logits[i], None  # free each part's logits once it is exponentiated
+            diag = None if p.fold else DiagonalSums(h1 - h0, rows, p.num_keys, s.device)
+            e = diag.centre if diag is not None else s.new_empty(s.shape, dtype=torch.float32)
+            torch.add(shift, s, alpha=scale, out=e).exp_()  # exp(scale * (s - max)), <= 1
+            row_sum += e.sum(-1)
+            exps.append((e, diag))
+        inv = row_sum.reciprocal()[..., None]
+        for i, (p, (e, diag)) in enumerate(zip(parts, exps, strict=True)):
+            e.mul_(inv)  # probabilities
+            vert[i][h0:h1] = e.sum(1)
+            if diag is None:  # inter: fold the keys mod c before the diagonal sums
+                diag = DiagonalSums(h1 - h0, rows, p.fold, e.device)
+                torch.sum(e.unflatten(-1, (-1, p.fold)), dim=2, out=diag.centre)
+            slash[i][h0:h1] = diag.sums()
         h0 = h1
     return vert, slash
 
 
-def _scores(q: Tensor, keys: Tensor, part: SparsePart, est_pos0: int, scale: float) -> Tensor:
-    """q [R, g, D], keys [L, D] -> float32 logits [g, R, part keys], causal mask applied."""
+def _logits(q: Tensor, keys: Tensor, part: SparsePart, est_pos0: int) -> Tensor:
+    """q [R, g, D], keys [L, D] -> unscaled logits [g, R, part keys] in q's dtype, causal mask
+    applied (-inf)."""
     k = keys[part.key_lo : part.key_hi]
-    s = torch.einsum("rgd,ld->grl", q, k).float() * scale
+    s = torch.einsum("rgd,ld->grl", q, k)
     if part.causal:
         # Only the last R keys can lie after an estimation row (the rows end the segment).
         rows = q.shape[0]
@@ -184,18 +202,34 @@ def _scores(q: Tensor, keys: Tensor, part: SparsePart, est_pos0: int, scale: flo
     return s
 
 
-def diagonal_sums(probs: Tensor) -> Tensor:
-    """probs [g, R, T] -> [g, R + T - 1]: entry u sums probs[., i, t] over i - t = u - T + 1.
+class DiagonalSums:
+    """Sums of [g, R, T] values along diagonals: entry u of `sums()` [g, R + T - 1] sums
+    centre[., i, t] over i - t = u - T + 1.
 
-    Reversing the key axis makes each diagonal an anti-diagonal; in a buffer padded to row
-    length T + R, reading rows with stride T + R - 1 lines every anti-diagonal up in one column
-    (the wrapped reads land in the zero padding).
+    The values go into `centre`, a view of a float32 buffer [g, R, T + 2R - 2] that has R - 1
+    zero columns on either side. Reading the buffer with row stride T + 2R - 1 shifts row i
+    left by i, so every diagonal lines up in one column (never reading past the row's own
+    padding); summing the rows gives the diagonals, last one first. Only the padding is
+    zeroed: the caller writes the centre in place.
     """
-    g, rows, width = probs.shape
-    buf = probs.new_zeros((g, rows, width + rows))
-    buf[..., :width] = probs.flip(-1)
-    view = buf.as_strided((g, rows, width + rows - 1), (rows * (width + rows), width + rows - 1, 1))
-    return view.sum(1)
+
+    def __init__(self, groups: int, rows: int, width: int, device: torch.device) -> None:
+        self.width = width
+        pad = rows - 1
+        shape = (groups, rows, width + 2 * pad)
+        self.buffer = torch.empty(shape, dtype=torch.float32, device=device)
+        self.buffer[..., :pad].zero_()
+        self.buffer[..., pad + width :].zero_()
+        self.centre = self.buffer[..., pad : pad + width]
+
+    def sums(self) -> Tensor:
+        g, rows, row_len = self.buffer.shape
+        view = self.buffer.as_strided(
+            (g, rows, self.width + rows - 1),
+            (rows * row_len, row_len + 1, 1),
+            self.buffer.storage_offset(),
+        )
+        return view.sum(1).flip(-1)
 
 
 def top_vertical(scores: Tensor, part: SparsePart, sizes: Sequence[int]) -> Tensor:

@@ -12,7 +12,7 @@ from longctx.sparse.estimate import (
     NO_COLUMN,
     NO_SLASH,
     SINK_COLUMNS,
-    diagonal_sums,
+    DiagonalSums,
     estimate_indices,
     part_scores,
 )
@@ -98,12 +98,15 @@ def test_scores_match_brute_force_with_small_memory_budget():
                 assert abs(slash[pi][h, d - first].item() - x) < 1e-5
 
 
-def test_diagonal_sums_against_loops():
-    probs = randn(3, 5, 11, seed=4)
-    got = diagonal_sums(probs)
-    want = torch.zeros(3, 5 + 11 - 1)
+@pytest.mark.parametrize("rows,width", [(5, 11), (7, 3), (1, 4), (4, 1)])
+def test_diagonal_sums_against_loops(rows, width):
+    probs = randn(3, rows, width, seed=4)
+    diag = DiagonalSums(3, rows, width, probs.device)
+    diag.centre.copy_(probs)
+    got = diag.sums()
+    want = torch.zeros(3, rows + width - 1)
     for g in range(3):
-        for i in range(5):
-            for t in range(11):
-                want[g, i - t + 10] += probs[g, i, t]
+        for i in range(rows):
+            for t in range(width):
+                want[g, i - t + width - 1] += probs[g, i, t]
     torch.testing.assert_close(got, want)
