@@ -129,7 +129,7 @@ def _cases() -> dict[str, dict]:
     cases["ws-d128-fp16-contiguous"] = dict(
         kernel="ws", d=128, dtype="fp16", paged=False, page=128, causal=True
     )
-    cases["rotate-d128-bf16-dca-yarn"] = dict(kernel="rotate", d=128, dtype="bf16")
+    cases["rotate-d128-bf16-dca"] = dict(kernel="rotate", d=128, dtype="bf16")
     cases["merge-d128-bf16"] = dict(kernel="merge", d=128, dtype="bf16")
     # fp8 KV cache (float8_e4m3fn values + float32 scales), bf16 compute
     for dca in (False, True):
@@ -242,8 +242,8 @@ def _compile_case(case: dict) -> dict:
         ptrs = dict(Q="*bf16", Out="*bf16", CU_Q="*i32", Q_POS0="*i32", INV_FREQ="*fp32")
         ints = dict(stride_qt=4608, stride_qh=128, stride_ot=3584, stride_oh=128)
         ints.update(chunk_len=253952, chunk_size=262144, stride_op=3584 * 32768)
-        sig, attrs = _signature(fn, ptrs, ints, ("yarn_inv_orig",), case["dtype"])
-        const = dict(HEAD_DIM=case["d"], BLOCK_M=32, DCA=True, YARN=True, FAST_TRIG=True)
+        sig, attrs = _signature(fn, ptrs, ints, (), case["dtype"])
+        const = dict(HEAD_DIM=case["d"], BLOCK_M=32, DCA=True, FAST_TRIG=True)
         opts = dict(num_warps=4)
     elif case["kernel"] == "merge":
         fn = fp._merge_parts_kernel
@@ -287,6 +287,7 @@ def _compile_ws(case: dict) -> dict:
         PAGED=case["paged"],
         CAUSAL=case["causal"],
         STAGES=ws.STAGES,
+        YARN=case["causal"],  # both flavours of the logit scale
         COMPUTE_REGS=ws.COMPUTE_REGS,
         LOADER_REGS=ws.LOADER_REGS,
     )
@@ -300,7 +301,7 @@ def _compile_ws(case: dict) -> dict:
         elif name in const:
             sig[name] = "constexpr"
         else:
-            sig[name] = "fp32" if name == "qk_scale" else "i32"
+            sig[name] = "fp32" if name in ("qk_scale", "yarn_inv_orig") else "i32"
     src = GluonASTSource(fn, sig, const, attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
     return dict(shared=kernel.metadata.shared, num_warps=kernel.metadata.num_warps)

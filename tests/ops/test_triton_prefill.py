@@ -449,26 +449,23 @@ def test_rejects_bad_inputs():
         flash_prefill(torch.zeros(4, 2, 64), k, k, scale=1.0, k_end=9)
 
 
-def test_rotate_queries_prepass_matches_rope_and_yarn():
-    """The Hopper kernel's pre-pass: out = RoPE(q) at each row's absolute position, times
-    YaRN's f(p)^2 (positions past original_max, where f > 1), over a ragged varlen batch;
-    rows of other sequences and padding are untouched."""
+def test_rotate_queries_prepass_matches_rope():
+    """The Hopper kernel's pre-pass: out = RoPE(q) at each row's absolute position over a
+    ragged varlen batch (angles as the float32 product pos * inv_freq, the engine's
+    convention in layers/rotary.py)."""
     gen = torch.Generator().manual_seed(11)
-    q_lens, q_pos0, orig = [37, 5, 70], [0, 900, 3000], 1024
+    q_lens, q_pos0 = [37, 5, 70], [0, 900, 3000]
     q = torch.randn(sum(q_lens), 3, 64, generator=gen)
     cu = torch.tensor([0, 37, 42, 112], dtype=torch.int32)
-    var = fp.make_variant(64, q.device, THETA, None, orig)
+    var = fp.make_variant(64, q.device, THETA, None, None)
     out = torch.full_like(q, float("nan"))
     fp.rotate_queries(q, out, cu, torch.tensor(q_pos0, dtype=torch.int32), max(q_lens), var)
     pos = torch.cat([torch.arange(n) + p0 for n, p0 in zip(q_lens, q_pos0)])
-    f = (0.1 * torch.log((pos + 1).double() / orig) + 1).clamp(min=1.0)
-    assert f.max() > 1.1 and f.min() == 1.0  # both sides of original_max are covered
-    # angles as the float32 product pos * inv_freq, the engine's convention (layers/rotary.py)
     inv = 1.0 / (THETA ** (torch.arange(0, 64, 2).float() / 64))
     ang = (pos.float()[:, None] * inv).double()
     cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
     q1, q2 = q.double()[..., :32], q.double()[..., 32:]
-    expected = torch.cat((q1 * cos - q2 * sin, q2 * cos + q1 * sin), -1) * (f * f)[:, None, None]
+    expected = torch.cat((q1 * cos - q2 * sin, q2 * cos + q1 * sin), -1)
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
 
 
@@ -519,7 +516,10 @@ def test_dca_as_key_ranges_equals_dca(monkeypatch, dca):
     qs = [torch.randn(n, hq, d, generator=gen) for n, _ in shapes]
     kc, vc, table = paged_kv(ks, vs, page)
 
-    def triton_instead(q, k, v, out, lse, *, qk_scale_log2, block_table, causal, **kw):
+    def triton_instead(
+        q, k, v, out, lse, *, qk_scale_log2, block_table, causal, yarn_inv_orig, **kw
+    ):
+        assert yarn_inv_orig == 0.0
         fp.flash_prefill_varlen(
             q,
             k,

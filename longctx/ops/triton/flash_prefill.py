@@ -71,9 +71,9 @@ gets out = 0, lse = -inf (the conventions of longctx/ops/attention.py).
 
 On sm_90 (H100/H200), flash_prefill_varlen hands what the Hopper kernel covers (no DCA parts,
 16-bit, head_dim 64/128, 128-key pages; config left to default) to the warp-specialized
-Gluon kernel of flash_prefill_ws.py (~15% faster), after rotating the queries (RoPE, and
-YaRN's f(p)^2) into out's rows with _rotate_queries_kernel. This kernel is the reference
-it is checked against and the fallback for everything else.
+Gluon kernel of flash_prefill_ws.py, after rotating the queries into out's rows with
+_rotate_queries_kernel (DCA: three rotated copies, its parts as key ranges, an LSE merge).
+This kernel is the reference it is checked against and the fallback for everything else.
 """
 
 from __future__ import annotations
@@ -743,7 +743,6 @@ def _rotate_queries_kernel(
     CU_Q,
     Q_POS0,
     INV_FREQ,
-    yarn_inv_orig,
     chunk_len,
     chunk_size,
     stride_qt,
@@ -754,13 +753,11 @@ def _rotate_queries_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     DCA: tl.constexpr,
-    YARN: tl.constexpr,
     FAST_TRIG: tl.constexpr,
 ):
     """The pre-pass of the Hopper kernel, which takes rotated queries: out[row] = RoPE(q[row])
-    at its absolute position p, times f(p)^2 with YaRN (the logit factor moved onto the
-    query). With DCA, the three query variants: out[part, row] rotated at the part's
-    position (inter, successive, intra: _part_ranges), part stride stride_op."""
+    at its absolute position p. With DCA, the three query variants: out[part, row] rotated at
+    the part's position (inter, successive, intra: _part_ranges), part stride stride_op."""
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -773,16 +770,13 @@ def _rotate_queries_kernel(
     pos = tl.load(Q_POS0 + seq) + offs_m
     rows = (q_begin + offs_m).to(tl.int64)
     Qh = Q + head.to(tl.int64) * stride_qh
-    factor = _yarn_row_scale(pos, 1.0, yarn_inv_orig, YARN)[:, None]
     offs_d = tl.arange(0, HEAD_DIM)
     o_ptrs = Out + rows[:, None] * stride_ot + head.to(tl.int64) * stride_oh + offs_d[None, :]
     NUM_PARTS: tl.constexpr = 3 if DCA else 1
     for part in tl.static_range(NUM_PARTS):
         rot = _part_ranges(part, pos, 0, _NO_KEY_LIMIT, chunk_len, chunk_size, True, DCA)[2]
         q = _load_query(Qh, rows, row_ok, stride_qt, rot, INV_FREQ, HEAD_DIM, True, FAST_TRIG, True)
-        tl.store(
-            o_ptrs + part * stride_op, (q * factor).to(Out.dtype.element_ty), mask=row_ok[:, None]
-        )
+        tl.store(o_ptrs + part * stride_op, q.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["n_rows", "stride_lh", "stride_ot", "stride_mh"])
@@ -1125,6 +1119,7 @@ def flash_prefill_varlen(
             k_end=k_end,
             block_table=block_table,
             causal=causal,
+            yarn_inv_orig=var.yarn_inv_orig,
         )
         return out, lse
     _launch_prefill(
@@ -1157,7 +1152,7 @@ def rotate_queries(
     max_seqlen_q: int,
     var: _Variant,
 ) -> torch.Tensor:
-    """RoPE (and YaRN's f(p)^2) of q [T, Hq, D] at each row's absolute position q_pos0[s] +
+    """RoPE of q [T, Hq, D] at each row's absolute position q_pos0[s] +
     (i - cu_seqlens_q[s]) into out [T, Hq, D] (may alias q); with var.dca, out is [3, T, Hq, D]
     and holds the inter / successive / intra rotations."""
     block_m = 64 if _INTERPRET else 32
@@ -1168,7 +1163,6 @@ def rotate_queries(
         cu_seqlens_q,
         q_pos0,
         var.inv_freq,
-        var.yarn_inv_orig,
         var.dca_chunk_len,
         var.dca_chunk_size,
         q.stride(0),
@@ -1179,7 +1173,6 @@ def rotate_queries(
         HEAD_DIM=q.shape[2],
         BLOCK_M=block_m,
         DCA=var.dca,
-        YARN=var.yarn,
         FAST_TRIG=not _INTERPRET,
     )
     return out
@@ -1291,6 +1284,7 @@ def _dca_prefill_hopper(
         k_end=_int32_args(dev, k_hi),
         block_table=table,
         causal=True,
+        yarn_inv_orig=var.yarn_inv_orig,
     )
     merge_parts(out_parts, lse_parts, out, lse)
 

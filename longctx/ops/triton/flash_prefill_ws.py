@@ -26,9 +26,9 @@ tile j). With S(j+1), S(j), P and O live, ptxas (CUDA 12.9 of triton 3.6) serial
 wgmma for lack of registers at 240 per thread (502 TFLOP/s).
 
 Scope (the engine's hot path; everything else stays on the Triton kernel): bf16/fp16
-queries and cache, head_dim 64 or 128, dense attention (no in-kernel RoPE / DCA / YaRN:
-callers pass rotated queries), causal (bottom-right, query at absolute position p sees
-keys [k_start, min(p + 1, k_end))) or a key range [k_start, k_end), a varlen batch of
+queries and cache, head_dim 64 or 128, dense attention (no in-kernel RoPE / DCA: callers
+pass rotated queries; YaRN's f(p)^2 is applied to the logits), causal (bottom-right, query
+at position p sees keys [k_start, min(p + 1, k_end))) or a key range, a varlen batch of
 sequences over the paged cache (pages a multiple of 128 keys) or contiguous keys, GQA
 without repeating K/V. Same conventions as flash_prefill_varlen: out [T, Hq, D],
 lse [Hq, T] float32 natural log; a query without keys gets out 0 and lse -inf.
@@ -191,7 +191,7 @@ if HAVE_GLUON:
         if needs_mask:
             s = _masked_logits(s, key0, pos, k_start, k_end, CAUSAL, BLOCK_N, s_layout)
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        p = gl.exp2(s * gl.expand_dims(qk_scale, 1) - gl.expand_dims(m_new, 1))
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         p_op = gl.convert_layout(p.to(DTYPE), p_layout)
@@ -347,6 +347,7 @@ if HAVE_GLUON:
         n_lo,
         n_hi,
         qk_scale,
+        yarn_inv_orig,
         stride_ot,
         WHICH: gl.constexpr,
         CAUSAL: gl.constexpr,
@@ -354,6 +355,7 @@ if HAVE_GLUON:
         BLOCK_N: gl.constexpr,
         HEAD_DIM: gl.constexpr,
         STAGES: gl.constexpr,
+        YARN: gl.constexpr,
     ):
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
@@ -371,6 +373,12 @@ if HAVE_GLUON:
         rows_left = rows_left - WHICH * BLOCK_M
         out_row0 = out_row0 + WHICH * BLOCK_M
         pos = pos0 + gl.arange(0, BLOCK_M, layout=row_layout)
+        # logit multiplier per row: softmax scale * log2(e), times YaRN's f(p)^2, applied to
+        # the float32 logits as in the Triton kernel (on a bf16 query it would round)
+        qk_scale = gl.full([BLOCK_M], qk_scale, gl.float32, layout=row_layout)
+        if YARN:
+            f = gl.maximum(0.1 * gl.log((pos + 1).to(gl.float32) * yarn_inv_orig) + 1.0, 1.0)
+            qk_scale = qk_scale * f * f
         # A finite floor instead of -inf: a row whose keys are all masked so far keeps
         # exp2(m_old - m_new) = 1 and p = 0 instead of NaN.
         m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=row_layout)
@@ -439,6 +447,7 @@ if HAVE_GLUON:
         K_START,
         K_END,
         qk_scale,
+        yarn_inv_orig,
         stride_ot,
         stride_oh,
         stride_lh,
@@ -451,6 +460,7 @@ if HAVE_GLUON:
         PAGED: gl.constexpr,
         CAUSAL: gl.constexpr,
         STAGES: gl.constexpr,
+        YARN: gl.constexpr,
         COMPUTE_REGS: gl.constexpr,
         LOADER_REGS: gl.constexpr,
     ):
@@ -523,6 +533,7 @@ if HAVE_GLUON:
                             n_lo,
                             n_hi,
                             qk_scale,
+                            yarn_inv_orig,
                             stride_ot,
                             0,
                             CAUSAL,
@@ -530,6 +541,7 @@ if HAVE_GLUON:
                             BLOCK_N,
                             HEAD_DIM,
                             STAGES,
+                            YARN,
                         ),
                     ),
                     (
@@ -555,6 +567,7 @@ if HAVE_GLUON:
                             n_lo,
                             n_hi,
                             qk_scale,
+                            yarn_inv_orig,
                             stride_ot,
                             1,
                             CAUSAL,
@@ -562,6 +575,7 @@ if HAVE_GLUON:
                             BLOCK_N,
                             HEAD_DIM,
                             STAGES,
+                            YARN,
                         ),
                     ),
                     (
@@ -621,10 +635,12 @@ def flash_prefill_ws(
     k_end: torch.Tensor,
     block_table: torch.Tensor | None,
     causal: bool,
+    yarn_inv_orig: float = 0.0,
 ) -> None:
     """Launch on arguments flash_prefill_varlen has validated (see supported()): k/v are
     [blocks, page, Hkv, D] (contiguous keys as one page), out/lse preallocated,
-    qk_scale_log2 = softmax scale * log2(e)."""
+    qk_scale_log2 = softmax scale * log2(e); yarn_inv_orig = 1 / original_max turns on YaRN's
+    f(p)^2 on the logits of the query at p (0: off)."""
     t, hq, d = q.shape
     blocks, page, hkv, _ = k.shape
     q_desc = _descriptor(q, t, hq * d, q.stride(0), [BLOCK_M, d])
@@ -645,6 +661,7 @@ def flash_prefill_ws(
         k_start,
         k_end,
         qk_scale_log2,
+        yarn_inv_orig,
         out.stride(0),
         out.stride(1),
         lse.stride(0),
@@ -657,6 +674,7 @@ def flash_prefill_ws(
         PAGED=paged,
         CAUSAL=causal,
         STAGES=STAGES,
+        YARN=yarn_inv_orig > 0.0,
         COMPUTE_REGS=COMPUTE_REGS,
         LOADER_REGS=LOADER_REGS,
         num_warps=4,
