@@ -7,8 +7,9 @@
   ... --tune --baseline DIR   # also time an earlier version (DIR/fp_orig.py, DIR/pd_orig.py)
 
 1. Correctness first, failing loudly (exit 1): our prefill (paged, chunked, contiguous, DCA +
-   YaRN) and decode (dense, DCA, CUDA-graph replay) against float64 references and SDPA, at
-   the Qwen2.5-7B head layout (28 q / 4 kv heads, d=128, bf16).
+   YaRN; at 32K and 128K the kernels the timings run) and decode (dense, DCA, CUDA-graph
+   replay) against float64 references and SDPA, at the Qwen2.5-7B head layout (28 q / 4 kv
+   heads, d=128, bf16).
 2. Prefill at 32K and 128K tokens, keys read from a paged cache through a shuffled block
    table (what the engine runs) with 128- and 64-token blocks (--page-size), and from
    contiguous keys: ours dense causal, ours DCA (C=262144/W=8192: no DCA effect below 254K,
@@ -242,6 +243,11 @@ def check_dca_prefill(ch: Checks, gen: torch.Generator) -> None:
         ),
         *ref,
     )
+    ch.compare(
+        "DCA prefill chunk paged(128), Hopper kernel where it runs, vs float64 reference",
+        *flash_prefill(q[n - lq :], kct, vct, block_table=tablet, q_pos0=n - lq, dca=dca, **kw),
+        *ref,
+    )
     k_rot = rope(k_raw, pos).to(DTYPE)
     kc, vc, table = paged(k_rot, v, 64, gen)
     dense = flash_prefill(q, kc, vc, block_table=table, **kw)
@@ -256,6 +262,28 @@ def check_dca_prefill(ch: Checks, gen: torch.Generator) -> None:
         *dense,
         *reference(q, k_rot, v, pos, rotate=True, yarn=512),
     )
+
+
+def check_long_prefill(ch: Checks, gen: torch.Generator) -> None:
+    """At the timed sizes, the kernels the timings run (128-token pages): dense against SDPA,
+    DCA with all three parts against the Triton kernel (checked against float64 above)."""
+    for length in (32768, 131072):
+        q, k, v = (randn(length, h, D, gen=gen) for h in (HQ, HKV, HKV))
+        kc, vc, table = paged(k, v, 128, gen)
+        ch.compare(
+            f"prefill dense causal {length // 1024}K paged(128) vs SDPA",
+            *flash_prefill(q, kc, vc, block_table=table, scale=SCALE),
+            *attention_with_lse(q, k, v, scale=SCALE, causal=True),
+        )
+        kw = dict(block_table=table, scale=SCALE, rope_theta=THETA, dca=DCA_SMALL)
+        kw.update(yarn_original_max=ORIGINAL_MAX)
+        ch.compare(
+            f"DCA C=32768 prefill {length // 1024}K paged(128) vs the Triton kernel",
+            *flash_prefill(q, kc, vc, **kw),
+            *flash_prefill(q, kc, vc, config=prefill_config(D, 128), **kw),
+        )
+        del q, k, v, kc, vc
+        torch.cuda.empty_cache()
 
 
 def check_decode(ch: Checks, gen: torch.Generator) -> None:
@@ -336,7 +364,7 @@ def run_checks() -> Checks:
     print("== correctness (bf16, 28 q / 4 kv heads, d=128)", flush=True)
     ch, gen = Checks(), torch.Generator(device="cpu").manual_seed(0)
     torch.manual_seed(0)
-    for fn in (check_prefill, check_dca_prefill, check_decode):
+    for fn in (check_prefill, check_dca_prefill, check_long_prefill, check_decode):
         try:
             fn(ch, gen)
         except Exception as e:  # a crash is a failed check, reported with the others
