@@ -63,17 +63,23 @@ def _run(q, kc, vc, table, shapes, **kw):
     return out.cpu(), lse.cpu()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_varlen_chunks_gqa_rope_over_poisoned_pages(dtype):
+@pytest.mark.parametrize(
+    "dtype,page",
+    [(torch.bfloat16, 128), (torch.float16, 128), (torch.bfloat16, 64), (torch.bfloat16, 16)],
+)
+def test_varlen_chunks_gqa_rope_over_poisoned_pages(dtype, page):
     """Sequences straddling the 64-row warpgroup and 128-row program edges, a one-token
-    chunk, a chunk starting mid-page, contexts ending mid-page (NaN tails), GQA 4:1."""
+    chunk, a chunk starting mid-page, contexts ending mid-page (NaN tails), GQA 4:1; pages of
+    16 and 64 keys make a 128-key tile of several TMA boxes (and the block table ends inside
+    the last tile)."""
     gen = torch.Generator().manual_seed(1)
     hq, hkv, d = 8, 2, 128
     shapes = [(1000, 1000, 0), (1, 1300, 0), (513, 1025, 0), (77, 4096, 0), (130, 257, 0)]
     ks = [cached_keys(randn(c, hkv, d, dtype=dtype, gen=gen), None, True) for _, c, _ in shapes]
     vs = [randn(c, hkv, d, dtype=dtype, gen=gen) for _, c, _ in shapes]
     qs = [randn(n, hq, d, dtype=dtype, gen=gen) for n, _, _ in shapes]
-    kc, vc, table = paged_kv(ks, vs, 128)
+    kc, vc, table = paged_kv(ks, vs, page)
+    table = table[:, : -(-max(c for _, c, _ in shapes) // page)].contiguous()  # no spare entries
     out, lse = _run(torch.cat(qs), kc, vc, table, shapes, scale=d**-0.5, rope_theta=THETA)
     refs = [
         reference(qi, ki, vi, torch.arange(c - n, c), scale=d**-0.5, rope=True)

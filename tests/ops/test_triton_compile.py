@@ -126,6 +126,10 @@ def _cases() -> dict[str, dict]:
             cases[f"ws-d{d}-bf16-{'causal' if causal else 'range'}"] = dict(
                 kernel="ws", d=d, dtype="bf16", paged=True, page=128, causal=causal
             )
+    for page in (16, 64):  # a 128-key tile from several pages, one TMA box each
+        cases[f"ws-d128-bf16-page{page}"] = dict(
+            kernel="ws", d=128, dtype="bf16", paged=True, page=page, causal=True
+        )
     cases["ws-d128-fp16-contiguous"] = dict(
         kernel="ws", d=128, dtype="fp16", paged=False, page=128, causal=True
     )
@@ -272,8 +276,9 @@ def _compile_ws(case: dict) -> dict:
     ws = importlib.import_module("longctx.ops.triton.flash_prefill_ws")
     fn, d, dtype = ws._flash_prefill_ws_kernel, case["d"], case["dtype"]
     gl_dtype = gl.bfloat16 if dtype == "bf16" else gl.float16
+    box = min(case["page"], ws.BLOCK_N) if case["paged"] else ws.BLOCK_N  # TMA rows per load
     descs = {}
-    for name, rows in (("q_desc", ws.BLOCK_M), ("k_desc", ws.BLOCK_N), ("v_desc", ws.BLOCK_N)):
+    for name, rows in (("q_desc", ws.BLOCK_M), ("k_desc", box), ("v_desc", box)):
         layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl_dtype)
         descs[name] = f"tensordesc<{dtype}[{rows}, {d}],{layout!r}>"
     ptrs = dict(Out=f"*{dtype}", LSE="*fp32", BT="*i64", CU_Q="*i32", Q_POS0="*i32")
@@ -283,6 +288,7 @@ def _compile_ws(case: dict) -> dict:
         HEAD_DIM=d,
         BLOCK_M=ws.BLOCK_M,
         BLOCK_N=ws.BLOCK_N,
+        BOX=box,
         PAGE_SIZE=case["page"] if case["paged"] else ws.BLOCK_N,
         PAGED=case["paged"],
         CAUSAL=case["causal"],

@@ -69,10 +69,11 @@ the quantizer never writes it).
 Outputs: out [T, Hq, D] in q's dtype, lse [Hq, T] float32 natural log; a query with no keys
 gets out = 0, lse = -inf (the conventions of longctx/ops/attention.py).
 
-On sm_90 (H100/H200), flash_prefill_varlen hands what the Hopper kernel covers (no DCA parts,
-16-bit, head_dim 64/128, 128-key pages; config left to default) to the warp-specialized
-Gluon kernel of flash_prefill_ws.py, after rotating the queries into out's rows with
-_rotate_queries_kernel (DCA: three rotated copies, its parts as key ranges, an LSE merge).
+On sm_90 (H100/H200), flash_prefill_varlen hands what the Hopper kernel covers (16-bit, no
+fp8 cache, head_dim 64/128, pages of 16-64 keys or multiples of 128; config left to default)
+to the warp-specialized Gluon kernel of flash_prefill_ws.py, after rotating the queries into
+out's rows with _rotate_queries_kernel (DCA: three rotated copies, its parts as key ranges,
+an LSE merge).
 This kernel is the reference it is checked against and the fallback for everything else.
 """
 

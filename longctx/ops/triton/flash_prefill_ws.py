@@ -29,9 +29,10 @@ Scope (the engine's hot path; everything else stays on the Triton kernel): bf16/
 queries and cache, head_dim 64 or 128, dense attention (no in-kernel RoPE / DCA: callers
 pass rotated queries; YaRN's f(p)^2 is applied to the logits), causal (bottom-right, query
 at position p sees keys [k_start, min(p + 1, k_end))) or a key range, a varlen batch of
-sequences over the paged cache (pages a multiple of 128 keys) or contiguous keys, GQA
-without repeating K/V. Same conventions as flash_prefill_varlen: out [T, Hq, D],
-lse [Hq, T] float32 natural log; a query without keys gets out 0 and lse -inf.
+sequences over the paged cache (a 128-key tile is one page, or 2-8 whole pages of 16-64 keys
+loaded as one TMA box each) or contiguous keys, GQA without repeating K/V. Same conventions
+as flash_prefill_varlen: out [T, Hq, D], lse [Hq, T] float32 natural log; a query without keys
+gets out 0 and lse -inf.
 
 Gluon has no interpreter: on the CPU the kernel is only compiled for sm_90 (tests/ops/
 test_triton_compile.py); its numerics are checked on the GPU against the float64
@@ -72,8 +73,8 @@ def supported(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, paged: bool, fp8: bool
 ) -> bool:
     """Whether this kernel serves a flash_prefill_varlen call (k [blocks, page, Hkv, D]): an
-    sm_90 GPU with Gluon, 16-bit dtypes, no fp8 cache, head_dim 64/128, pages holding whole
-    128-key tiles, rows the TMA can address (unit-stride heads, 16-byte aligned rows, int32
+    sm_90 GPU with Gluon, 16-bit dtypes, no fp8 cache, head_dim 64/128, pages of 16, 32, 64 or
+    a multiple of 128 keys, rows the TMA can address (unit-stride heads, 16-byte aligned rows, int32
     row indices), contiguous out (it holds the rotated queries)."""
     if not HAVE_GLUON or not q.is_cuda or fp8:
         return False
@@ -86,8 +87,11 @@ def supported(
         return False
     if q.data_ptr() % 16 or k.data_ptr() % 16 or v.data_ptr() % 16:
         return False
-    if not out.is_contiguous() or (paged and k.shape[1] % BLOCK_N):
+    page = k.shape[1]
+    if not out.is_contiguous():
         return False
+    if paged and page % BLOCK_N and (BLOCK_N % page or page < 16):
+        return False  # a tile is one page, or whole pages of >= 16 rows (one TMA box each)
     blocks, page, hkv, _ = k.shape
     strides = (page * hkv * d, hkv * d, d, 1)
     return k.stride() == strides and v.stride() == strides and blocks * page < 2**31
@@ -116,8 +120,10 @@ if HAVE_GLUON:
         kv_col,
         n_lo,
         n_hi,
+        k_end,
         BLOCK_M: gl.constexpr,
         BLOCK_N: gl.constexpr,
+        BOX: gl.constexpr,
         PAGE_SIZE: gl.constexpr,
         PAGED: gl.constexpr,
         STAGES: gl.constexpr,
@@ -132,20 +138,34 @@ if HAVE_GLUON:
             # first pass over the ring does not wait
             phase = ((i // STAGES) & 1) ^ 1
             key0 = j * BLOCK_N
-            if PAGED:
-                row = (gl.load(BT + key0 // PAGE_SIZE) * PAGE_SIZE + key0 % PAGE_SIZE).to(gl.int32)
-            else:
-                row = key0
+            # a tile is BLOCK_N // BOX boxes of BOX rows, one per cache page when pages are
+            # shorter than a tile. Boxes wholly past k_end (whose block-table entries may not
+            # exist) load block 0 instead: their keys are masked and their values zero-padded
+            # on the compute side, and the byte count each barrier expects stays fixed.
             mbarrier.wait(k_empty.index(s), phase)
-            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(
-                k_desc, [row, kv_col], k_ready.index(s), k_smem.index(s)
-            )
+            mbarrier.expect(k_ready.index(s), (BLOCK_N // BOX) * k_desc.block_type.nbytes)
+            for b in gl.static_range(BLOCK_N // BOX):
+                row = _box_row(BT, key0 + b * BOX, k_end, PAGE_SIZE, PAGED)
+                tma.async_copy_global_to_shared(
+                    k_desc, [row, kv_col], k_ready.index(s), k_smem.index(s).slice(b * BOX, BOX)
+                )
             mbarrier.wait(v_empty.index(s), phase)
-            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(
-                v_desc, [row, kv_col], v_ready.index(s), v_smem.index(s)
-            )
+            mbarrier.expect(v_ready.index(s), (BLOCK_N // BOX) * v_desc.block_type.nbytes)
+            for b in gl.static_range(BLOCK_N // BOX):
+                row = _box_row(BT, key0 + b * BOX, k_end, PAGE_SIZE, PAGED)
+                tma.async_copy_global_to_shared(
+                    v_desc, [row, kv_col], v_ready.index(s), v_smem.index(s).slice(b * BOX, BOX)
+                )
+
+    @gluon.jit
+    def _box_row(BT, key, k_end, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr):
+        """Cache row (block * PAGE_SIZE + offset) of key position `key` (contiguous keys: the
+        position itself); block 0 for keys at or past k_end."""
+        if PAGED:
+            block = gl.load(BT + key // PAGE_SIZE, mask=key < k_end, other=0)
+            return (block * PAGE_SIZE + key % PAGE_SIZE).to(gl.int32)
+        else:
+            return key
 
     @gluon.jit
     def _masked_logits(
@@ -456,6 +476,7 @@ if HAVE_GLUON:
         HEAD_DIM: gl.constexpr,
         BLOCK_M: gl.constexpr,
         BLOCK_N: gl.constexpr,
+        BOX: gl.constexpr,
         PAGE_SIZE: gl.constexpr,
         PAGED: gl.constexpr,
         CAUSAL: gl.constexpr,
@@ -598,8 +619,10 @@ if HAVE_GLUON:
                             (head // GROUPS) * HEAD_DIM,
                             n_lo,
                             n_hi,
+                            k_end,
                             BLOCK_M,
                             BLOCK_N,
+                            BOX,
                             PAGE_SIZE,
                             PAGED,
                             STAGES,
@@ -644,9 +667,10 @@ def flash_prefill_ws(
     t, hq, d = q.shape
     blocks, page, hkv, _ = k.shape
     q_desc = _descriptor(q, t, hq * d, q.stride(0), [BLOCK_M, d])
-    k_desc = _descriptor(k, blocks * page, hkv * d, hkv * d, [BLOCK_N, d])
-    v_desc = _descriptor(v, blocks * page, hkv * d, hkv * d, [BLOCK_N, d])
     paged = block_table is not None
+    box = min(page, BLOCK_N) if paged else BLOCK_N  # TMA box rows: one page at most
+    k_desc = _descriptor(k, blocks * page, hkv * d, hkv * d, [box, d])
+    v_desc = _descriptor(v, blocks * page, hkv * d, hkv * d, [box, d])
     bt = block_table if paged else cu_seqlens_q
     grid = (-(-max_seqlen_q // (2 * BLOCK_M)), hq, cu_seqlens_q.shape[0] - 1)
     _flash_prefill_ws_kernel[grid](
@@ -670,6 +694,7 @@ def flash_prefill_ws(
         HEAD_DIM=d,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
+        BOX=min(page, BLOCK_N) if paged else BLOCK_N,
         PAGE_SIZE=page if paged else BLOCK_N,
         PAGED=paged,
         CAUSAL=causal,
