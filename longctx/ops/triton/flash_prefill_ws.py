@@ -59,9 +59,8 @@ try:
 except ImportError:  # pragma: no cover - triton without Gluon
     HAVE_GLUON = False
 
-LOG2E = 1.4426950408889634
 BLOCK_M = 64  # query rows per compute warpgroup (one wgmma M); a program owns 2 x 64
-BLOCK_N = 128  # keys per tile: one 128-token page
+BLOCK_N = 128  # keys per tile: one page of >= 128 keys, or 2-8 whole pages of 16-64
 STAGES = 2  # K/V ring: 32 KiB of queries + 2 x 64 KiB of K/V + 2 x 32 KiB of tail V = 224 KiB
 HEAD_DIMS = (64, 128)
 # Register split (setmaxnreg): the loader needs few, the compute warpgroups take the rest.
@@ -73,26 +72,25 @@ def supported(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, paged: bool, fp8: bool
 ) -> bool:
     """Whether this kernel serves a flash_prefill_varlen call (k [blocks, page, Hkv, D]): an
-    sm_90 GPU with Gluon, 16-bit dtypes, no fp8 cache, head_dim 64/128, pages of 16, 32, 64 or
-    a multiple of 128 keys, rows the TMA can address (unit-stride heads, 16-byte aligned rows, int32
-    row indices), contiguous out (it holds the rotated queries)."""
+    sm_90 GPU with Gluon, 16-bit dtypes, no fp8 cache, head_dim 64/128, pages of 16, 32, 64
+    or a multiple of 128 keys, rows the TMA can address (unit-stride heads, 16-byte aligned
+    rows, int32 row indices), contiguous out (it holds the rotated queries)."""
     if not HAVE_GLUON or not q.is_cuda or fp8:
         return False
     if torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype:
         return False
-    t, hq, d = q.shape
+    d = q.shape[2]
     if d not in HEAD_DIMS or q.stride(2) != 1 or q.stride(1) != d or q.stride(0) % 8:
         return False
     if q.data_ptr() % 16 or k.data_ptr() % 16 or v.data_ptr() % 16:
         return False
-    page = k.shape[1]
+    blocks, page, hkv, _ = k.shape
     if not out.is_contiguous():
         return False
     if paged and page % BLOCK_N and (BLOCK_N % page or page < 16):
         return False  # a tile is one page, or whole pages of >= 16 rows (one TMA box each)
-    blocks, page, hkv, _ = k.shape
     strides = (page * hkv * d, hkv * d, d, 1)
     return k.stride() == strides and v.stride() == strides and blocks * page < 2**31
 
