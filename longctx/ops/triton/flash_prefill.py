@@ -1101,6 +1101,8 @@ def flash_prefill_varlen(
         config is None and (var.rope or not var.yarn) and ws.supported(q, k, v, out, paged, fp8)
     )
     if hopper and var.dca and host is not None:
+        if sum(host.q_lens) != q.shape[0] or len(host.q_lens) != nseq:
+            raise ValueError(f"host layout {host} does not describe q {tuple(q.shape)}")
         _dca_prefill_hopper(q, k, v, out, lse, scale, block_table, host, var)
         return out, lse
     if hopper and not var.dca:
