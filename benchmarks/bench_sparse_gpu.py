@@ -11,6 +11,18 @@ the default budget (1000 vertical / 6096 slash per head), per head:
 
     local   columns: 30 sinks + 970 random; slashes: the 6096 diagonals nearest the main one
     mixed   the same columns; 90% of the slashes nearest the main diagonal, 10% spread uniformly
+    model   what the default model (Qwen2.5-Coder-0.5B) selects at 16K on real text
+            (benchmarks/capture_pattern_cpu.py: 125 vertical / 762 slash per head, 24 layers x
+            14 heads; 7B head h takes 0.5B head h mod 14), rescaled to the length: positions
+            times length / 16K, each column widened to 11 adjacent ones and each diagonal to 8
+            (the default budget's share), the first 30 columns kept as sinks; every one of the
+            24 layers is timed and the row reports their mean (min / max beside it)
+
+With DCA (the 7B-1M config, at the longest length): the pattern above drawn once in continuous
+distances and split over the parts with one budget per head (the engine's default,
+longctx/sparse/estimate.py: columns by key range, distances to intra and successive, the ones
+past the successive part folded into inter distances, one in m kept for the m older chunks a
+folded line crosses), and, for comparison, per part: every part its own full pattern.
 
 1. Checks first, failing loudly (exit 1): the Triton kernel against its PyTorch reference from
    the same index (plain causal and three DCA parts), and full budgets against dense SDPA.
@@ -45,7 +57,9 @@ the default budget (1000 vertical / 6096 slash per head), per head:
 4. TTFT at 1M (mixed pattern), estimated: 28 x per-layer attention + linear layers (QKV, O,
    MLP of the 7B, measured on a 32K-token chunk) x 32 chunks x 28 layers; and how the chunked
    prefill's attention moves with the chunk length (max_num_batched_tokens): per chunk,
-   estimation against every cached key + conversion + kernel.
+   estimation against every cached key + conversion + kernel, without DCA and with the 7B-1M
+   DCA config (one budget over the parts; a chunk crossing a DCA chunk is two segments, each
+   estimated from its own last rows, as the engine does).
 Timings: CUDA events, median of repeats after a warm-up; random data.
 """
 
@@ -57,6 +71,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -94,6 +109,7 @@ VERTICAL, SLASH, LAST_Q = 1000, 6096, 64
 SINKS = 30
 K = 1024
 DCA_CHUNK, DCA_LOCAL = 262144, 8192  # Qwen2.5-7B-Instruct-1M dual_chunk_attention_config
+MODEL_PATTERN = "benchmarks/results/sparse_cpu/pattern_16k/pattern.safetensors"
 CHECK_TOKENS = 8192
 MINFERENCE = {128 * K: (4.7, 1.4), 512 * K: (21.0, 5.5), 1024 * K: (44.0, 10.3)}
 CUDNN_ANCHOR_S = {128 * K: 0.21, 512 * K: 3.9, 1024 * K: 16.2}
@@ -149,6 +165,91 @@ def fixed_pattern(
     local = torch.arange(lowest, lowest + near, device=DEVICE).expand(HQ, -1)
     spread = distinct(SLASH - near, lowest + near, max(highest + 1, lowest + near + 1), seed + 1)
     return PartSelection(cols.long(), torch.cat([local, spread], 1).long())
+
+
+def split_continuous(
+    sel: PartSelection, parts: list[SparsePart], q_end: int
+) -> list[PartSelection]:
+    """A pattern drawn for one causal part [0, q_end) (continuous distances) as DCA parts with
+    one budget (module doc)."""
+    verticals = [
+        torch.where((sel.vertical >= p.key_lo) & (sel.vertical < p.key_hi), sel.vertical, NO_COLUMN)
+        for p in parts
+    ]
+    line_lo = min(p.key_lo for p in parts if not p.fold)
+    reach = q_end - 1 - line_lo  # farthest distance of the line parts (the last row's)
+    near = torch.where(sel.slash <= reach, sel.slash, NO_SLASH)
+    out = []
+    for v, p in zip(verticals, parts, strict=True):
+        if not p.fold:
+            out.append(PartSelection(v, near))
+            continue
+        m = p.num_keys // p.fold
+        j = (q_end - 1) - sel.slash  # the last row's key on each diagonal
+        folded = (q_end - 1 - p.key_lo + p.q_shift) - (j - p.key_lo) % p.fold
+        heads = [folded[h][(sel.slash[h] > reach) & (sel.slash[h] != NO_SLASH)].unique()[::m]
+                 for h in range(folded.shape[0])]  # fmt: skip
+        width = max(1, max(x.numel() for x in heads))
+        pad = torch.full((len(heads), width), NO_SLASH, dtype=torch.long, device=DEVICE)
+        for h, x in enumerate(heads):
+            pad[h, : x.numel()] = x
+        out.append(PartSelection(v, pad))
+    return out
+
+
+def dca_selections(
+    kind: str, seg, parts: list[SparsePart], shared: bool, seed: int
+) -> list[PartSelection]:
+    """The fixed pattern for one DCA segment: one budget over the parts, or each its own."""
+    if not shared:
+        return [
+            fixed_pattern(kind, p, seg.q_start, seg.q_end, seed=seed + i)
+            for i, p in enumerate(parts)
+        ]
+    whole = fixed_pattern(kind, SparsePart(0, seg.q_end, causal=True), seg.q_start, seg.q_end, seed)
+    return split_continuous(whole, parts, seg.q_end)
+
+
+def load_model_pattern(path: str) -> dict | None:
+    """The captured pattern (module doc), or None when the file is missing."""
+    if not os.path.exists(path):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        return dict(
+            length=int(meta["length"]),
+            vertical=f.get_tensor("vertical").long(),
+            slash=f.get_tensor("slash").long(),
+        )
+
+
+def model_selection(pattern: dict, layer: int, length: int) -> PartSelection:
+    """One captured layer rescaled to the causal part [0, length) (module doc)."""
+    src = pattern["length"]
+    heads = [h % pattern["vertical"].shape[1] for h in range(HQ)]
+    v, s = pattern["vertical"][layer, heads], pattern["slash"][layer, heads]
+    scale = length / src
+    wide_v = -(-(VERTICAL - SINKS) // max(1, v.shape[1] - SINKS))
+    wide_s = -(-SLASH // s.shape[1])
+    cols, dists = [], []
+    for h in range(HQ):
+        c = v[h][v[h] >= SINKS]
+        c = ((c * scale).long()[:, None] + torch.arange(wide_v)).flatten().unique()
+        c = c[(c >= SINKS) & (c < length)][: VERTICAL - SINKS]
+        cols.append(torch.cat([torch.arange(SINKS), c]))
+        d = s[h][s[h] >= 0]
+        d = ((d * scale).long()[:, None] + torch.arange(wide_s)).flatten().unique()
+        dists.append(d[d < length][:SLASH])
+
+    def pad(xs: list[torch.Tensor], fill: int) -> torch.Tensor:
+        out = torch.full((HQ, max(x.numel() for x in xs)), fill, dtype=torch.long)
+        for h, x in enumerate(xs):
+            out[h, : x.numel()] = x
+        return out.to(DEVICE)
+
+    return PartSelection(pad(cols, NO_COLUMN), pad(dists, NO_SLASH))
 
 
 def keys_per_row(index: SegmentIndex) -> float:
@@ -384,12 +485,21 @@ def time_estimation(q: torch.Tensor, cache: KVCache, table: torch.Tensor, length
 
 
 def sparse_layer(
-    q, cache, table, length: int, kind: str, cfg: SparseKernelConfig, reps: int, work: bool = False
+    q,
+    cache,
+    table,
+    length: int,
+    kind: str,
+    cfg: SparseKernelConfig,
+    reps: int,
+    work: bool = False,
+    sel: PartSelection | None = None,
 ) -> dict:
-    """Conversion and kernel of one whole-length prefill; work: also the pattern's pairs and
-    key reads (pattern_work)."""
+    """Conversion and kernel of one whole-length prefill (the fixed pattern `kind`, or `sel`);
+    work: also the pattern's pairs and key reads (pattern_work)."""
     part = SparsePart(0, length, causal=True)
-    sel = fixed_pattern(kind, part, 0, length, seed=length + len(kind))
+    if sel is None:
+        sel = fixed_pattern(kind, part, 0, length, seed=length + len(kind))
     convert = lambda: convert_indices(
         [sel], [part], 0, length, block_m=cfg.block_m, block_n=cfg.block_n
     )
@@ -421,7 +531,9 @@ def with_floors(res: dict, estimate_s: float, dense_s: float, length: int, copy_
     return out | dict(kernel_vs_floor=res["kernel_ms"] / bound_ms)
 
 
-def per_layer(lengths: list[int], dense_1m: str, rows: list[dict], flush) -> dict[int, float]:
+def per_layer(
+    lengths: list[int], dense_1m: str, pattern: dict | None, rows: list[dict], flush
+) -> dict[int, float]:
     cfg = kernel_config()
     gqa = cudnn_takes_gqa()
     copy_bw = copy_bandwidth()
@@ -447,82 +559,88 @@ def per_layer(lengths: list[int], dense_1m: str, rows: list[dict], flush) -> dic
         del k, v
         est_s = time_estimation(q, cache, table, length)
         log(f"  dense {dense_s[length]:.3f} s ({dense_note}), estimation {est_s * 1e3:.1f} ms")
-        for kind in ("local", "mixed"):
+        data = (q, cache, table, length)
+        runs: list[tuple[str, Callable[[], dict]]] = [
+            (kind, partial(sparse_layer, *data, kind, cfg, reps_for(length), True))
+            for kind in ("local", "mixed")
+        ]
+        if pattern is not None:
+            runs.append(("model", partial(model_layer, *data, pattern, cfg)))
+        if length == max(lengths) and length > DCA_CHUNK - DCA_LOCAL:
+            runs += [
+                (f"{kind} DCA" + ("" if shared else " per part"),
+                 partial(dca_layer, *data, kind, cfg, shared))
+                for shared in (True, False)
+                for kind in ("local", "mixed")
+            ]  # fmt: skip
+        for label, fn in runs:
             try:
-                res = sparse_layer(q, cache, table, length, kind, cfg, reps_for(length), True)
+                res = fn()
             except torch.cuda.OutOfMemoryError as e:
                 rows.append(
-                    dict(section="per-layer", tokens=length, pattern=kind, error=str(e)[:200])
+                    dict(section="per-layer", tokens=length, pattern=label, error=str(e)[:200])
                 )
                 free()
                 continue
-            total_s = est_s + (res["convert_ms"] + res["kernel_ms"]) / 1e3
-            res = with_floors(res, est_s, dense_s[length], length, copy_bw)
-            anchor = MINFERENCE.get(length, (None, None))[0 if kind == "local" else 1]
-            speedup = dense_s[length] / total_s
-            row = dict(
-                section="per-layer",
-                tokens=length,
-                pattern=kind,
-                dense_s=dense_s[length],
-                dense=dense_note,
-                estimate_ms=est_s * 1e3,
-                **res,
-                sparse_ms=total_s * 1e3,
-                speedup=speedup,
-                minference_speedup=anchor,
-                vs_minference=speedup / anchor if anchor else None,
-                cudnn_anchor_s=CUDNN_ANCHOR_S.get(length),
+            dca = "DCA" in label
+            est_ms = res.pop("estimate_ms") if dca else est_s * 1e3
+            total_s = (est_ms + res["convert_ms"] + res["kernel_ms"]) / 1e3
+            res = with_floors(res, est_ms / 1e3, dense_s[length], length, copy_bw)
+            anchor = (
+                None
+                if dca or label == "model"
+                else MINFERENCE.get(length, (None, None))[0 if label == "local" else 1]
             )
-            rows.append(row)
+            speedup = dense_s[length] / total_s
+            rows.append(
+                dict(
+                    section="per-layer",
+                    tokens=length,
+                    pattern=label,
+                    dense_s=dense_s[length],
+                    dense=dense_note + (" (cuDNN causal, no DCA)" if dca else ""),
+                    estimate_ms=est_ms,
+                    **res,
+                    sparse_ms=total_s * 1e3,
+                    speedup=speedup,
+                    minference_speedup=anchor,
+                    vs_minference=speedup / anchor if anchor else None,
+                    cudnn_anchor_s=None if dca else CUDNN_ANCHOR_S.get(length),
+                )
+            )
             log(
-                f"  {kind}: sparse {total_s * 1e3:.1f} ms (kernel {res['kernel_ms']:.1f}, convert "
+                f"  {label}: sparse {total_s * 1e3:.1f} ms (kernel {res['kernel_ms']:.1f}, convert "
                 f"{res['convert_ms']:.1f}), {speedup:.1f}x dense"
                 + (f", {speedup / anchor:.2f}x MInference's" if anchor else "")
             )
             flush()
-        if length == max(lengths) and length > DCA_CHUNK - DCA_LOCAL:
-            for kind in ("local", "mixed"):
-                log(f"  {kind} with DCA (7B-1M config)")
-                try:
-                    res = dca_layer(q, cache, table, length, kind, cfg)
-                except torch.cuda.OutOfMemoryError as e:
-                    rows.append(
-                        dict(
-                            section="per-layer",
-                            tokens=length,
-                            pattern=f"{kind} DCA",
-                            error=str(e)[:200],
-                        )
-                    )
-                    free()
-                    continue
-                total_s = (res["estimate_ms"] + res["convert_ms"] + res["kernel_ms"]) / 1e3
-                res = with_floors(res, res["estimate_ms"] / 1e3, dense_s[length], length, copy_bw)
-                rows.append(
-                    dict(
-                        section="per-layer",
-                        tokens=length,
-                        pattern=f"{kind} DCA",
-                        dense_s=dense_s[length],
-                        dense=dense_note + " (cuDNN causal, no DCA)",
-                        **res,
-                        sparse_ms=total_s * 1e3,
-                        speedup=dense_s[length] / total_s,
-                    )
-                )
-                log(f"  {kind} DCA: sparse {total_s * 1e3:.1f} ms (kernel {res['kernel_ms']:.1f})")
-                flush()
-        del q, cache, table
+        del q, cache, table, data, runs
         free()
     return dense_s
 
 
-def dca_layer(q, cache, table, length: int, kind: str, cfg: SparseKernelConfig) -> dict:
+def model_layer(q, cache, table, length: int, pattern: dict, cfg: SparseKernelConfig) -> dict:
+    """Every captured layer's pattern rescaled (module doc): the mean conversion, kernel and
+    work of one layer, and the fastest and slowest layer (conversion + kernel)."""
+    reps = 2 if length < 512 * K else 1
+    per = []
+    for layer in range(pattern["vertical"].shape[0]):
+        sel = model_selection(pattern, layer, length)
+        per.append(sparse_layer(q, cache, table, length, "model", cfg, reps, True, sel))
+    keys = ("convert_ms", "kernel_ms", "keys_per_row", "pairs", "key_reads")
+    mean = {k: sum(r[k] for r in per) / len(per) for k in keys}
+    layer_ms = [r["convert_ms"] + r["kernel_ms"] for r in per]
+    mean["kernel_tflops"] = 4 * D * HQ * length * mean["keys_per_row"] / mean["kernel_ms"] / 1e9
+    return mean | dict(layers=len(per), layer_ms_min=min(layer_ms), layer_ms_max=max(layer_ms))
+
+
+def dca_layer(
+    q, cache, table, length: int, kind: str, cfg: SparseKernelConfig, shared: bool
+) -> dict:
     """One layer with the 7B-1M DCA config (C=262144, W=8192): per DCA segment, estimation,
-    conversion and kernel over its parts (intra, successive, inter), each part with the full
-    budget. The same random queries stand in for every part's rotation. Second pass timed
-    (the first compiles the three-part kernel)."""
+    conversion and kernel over its parts (intra, successive, inter), one budget over the parts
+    or the full budget in each (`shared`, module doc). The same random queries stand in for
+    every part's rotation. Second pass timed (the first compiles the three-part kernel)."""
     from longctx.ops.dca import dca_segments
 
     dca = SimpleNamespace(
@@ -531,10 +649,7 @@ def dca_layer(q, cache, table, length: int, kind: str, cfg: SparseKernelConfig) 
     segs = []
     for seg in dca_segments(0, length, dca.chunk_len):
         parts = segment_parts(seg, dca)
-        sels = [
-            fixed_pattern(kind, p, seg.q_start, seg.q_end, seed=seg.q_start + i)
-            for i, p in enumerate(parts)
-        ]
+        sels = dca_selections(kind, seg, parts, shared, seed=seg.q_start)
         segs.append((seg, parts, sels))
 
     def run() -> dict:
@@ -547,7 +662,7 @@ def dca_layer(q, cache, table, length: int, kind: str, cfg: SparseKernelConfig) 
             qp = q[None, seg.q_start : seg.q_end].expand(len(parts), -1, -1, -1)
             estimate_indices(
                 qp[:, -LAST_Q:], keys[: seg.q_end], parts, seg.q_end - LAST_Q,
-                [VERTICAL] * HQ, [SLASH] * HQ, scale=SCALE,
+                [VERTICAL] * HQ, [SLASH] * HQ, scale=SCALE, shared_budget=shared,
             )  # fmt: skip
             watch.mark()
             index = convert_indices(
@@ -635,37 +750,46 @@ def linear_seconds(tokens: int) -> float:
     return cuda_seconds(run, reps=5)
 
 
-def chunked_layer(length: int, chunk: int, kind: str, cfg: SparseKernelConfig) -> dict:
-    """One layer's attention over a chunked prefill of `length` tokens: per chunk, estimation
-    (last 64 queries vs every cached key) + conversion + kernel. Patterns drawn up front."""
+def chunked_layer(length: int, chunk: int, kind: str, cfg: SparseKernelConfig, dca: bool) -> dict:
+    """One layer's attention over a chunked prefill of `length` tokens: per chunk (per DCA
+    segment of the chunk, with the 7B-1M config and one budget over the parts, when `dca`),
+    estimation (last 64 queries vs every cached key) + conversion + kernel. Patterns drawn up
+    front."""
+    from longctx.ops.dca import dca_segments
+
     q = randn(length, HQ, D, seed=11)
     cache, table = paged(randn(length, HKV, D, seed=12), randn(length, HKV, D, seed=13), seed=14)
-    spans = [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
-    parts = [SparsePart(0, e, causal=True) for _, e in spans]
-    sels = [fixed_pattern(kind, p, s, e, seed=e) for p, (s, e) in zip(parts, spans)]
+    config = SimpleNamespace(
+        chunk_size=DCA_CHUNK, local_size=DCA_LOCAL, chunk_len=DCA_CHUNK - DCA_LOCAL
+    )
+    steps = []
+    for s in range(0, length, chunk):
+        e = min(s + chunk, length)
+        for seg in dca_segments(s, e, config.chunk_len if dca else e):
+            parts = segment_parts(seg, config if dca else None)
+            sels = dca_selections(kind, seg, parts, shared=True, seed=seg.q_end)
+            steps.append((seg, parts, sels))
     timing = dict(estimate=0.0, convert=0.0, kernel=0.0)
 
-    def step(i: int) -> None:
-        (s, e), part = spans[i], parts[i]
+    def step(seg, parts, sels) -> None:
+        s, e = seg.q_start, seg.q_end
+        qp = q[None, s:e].expand(len(parts), -1, -1, -1)
         watch = Stopwatch()
         watch.mark()
         keys, _ = sequence_kv(cache, table, e, with_values=False)
         estimate_indices(
-            q[None, e - LAST_Q : e], keys, [part], e - LAST_Q, [VERTICAL] * HQ, [SLASH] * HQ,
-            scale=SCALE,
-        )  # fmt: skip
-        watch.mark()
-        index = convert_indices(
-            [sels[i]], [part], s, e - s, block_m=cfg.block_m, block_n=cfg.block_n
+            qp[:, -LAST_Q:], keys, parts, e - LAST_Q, [VERTICAL] * HQ, [SLASH] * HQ, scale=SCALE
         )
         watch.mark()
-        vs_sparse_attention(q[None, s:e], cache.k, cache.v, table, index, scale=SCALE, config=cfg)
+        index = convert_indices(sels, parts, s, e - s, block_m=cfg.block_m, block_n=cfg.block_n)
+        watch.mark()
+        vs_sparse_attention(qp, cache.k, cache.v, table, index, scale=SCALE, config=cfg)
         watch.mark()
         for name, lap in zip(timing, watch.laps()):
             timing[name] += lap
 
-    for i in range(len(spans)):
-        step(i)
+    for args in steps:
+        step(*args)
     return {f"{k}_s": v for k, v in timing.items()} | {"attention_s": sum(timing.values())}
 
 
@@ -691,12 +815,17 @@ def ttft(length: int, chunks: list[int], one_shot: dict[str, float], rows, flush
         )
         log(f"TTFT estimate ({pattern}, one-shot attention) {est:.1f} s")
         flush()
-    for chunk in chunks:
-        log(f"chunked prefill, chunk {chunk // K}K")
+    for dca, chunk in [(dca, chunk) for dca in (False, True) for chunk in chunks]:
+        pattern = "mixed DCA" if dca else "mixed"
+        log(f"chunked prefill, {pattern}, chunk {chunk // K}K")
         try:
-            res = chunked_layer(length, chunk, "mixed", cfg)
+            res = chunked_layer(length, chunk, "mixed", cfg, dca)
         except torch.cuda.OutOfMemoryError as e:
-            rows.append(dict(section="ttft", tokens=length, chunk=chunk, error=str(e)[:200]))
+            rows.append(
+                dict(
+                    section="ttft", tokens=length, pattern=pattern, chunk=chunk, error=str(e)[:200]
+                )
+            )
             free()
             continue
         est = LAYERS * res["attention_s"] + linear_total
@@ -704,7 +833,7 @@ def ttft(length: int, chunks: list[int], one_shot: dict[str, float], rows, flush
             dict(
                 section="ttft",
                 tokens=length,
-                pattern="mixed",
+                pattern=pattern,
                 chunk=chunk,
                 attention_per_layer_s=res["attention_s"],
                 **res,
@@ -760,6 +889,11 @@ def main() -> None:
     )
     p.add_argument("--skip-ttft", action="store_true", help="no TTFT estimate / chunk sweep")
     p.add_argument(
+        "--model-pattern",
+        default=MODEL_PATTERN,
+        help="captured pattern for the model rows (benchmarks/capture_pattern_cpu.py)",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="tiny shapes on the CPU under TRITON_INTERPRET=1: checks the script, times nothing",
@@ -778,7 +912,9 @@ def main() -> None:
         "7B-1M head layout (28 q / 4 kv, d=128, bf16), paged cache (64-token pages, shuffled). "
         "Fixed patterns at 1000 vertical / 6096 slash per head: local = 30 sinks + 970 random "
         "columns, the 6096 nearest diagonals; mixed = same columns, 90% nearest diagonals + 10% "
-        "spread uniformly. sparse_ms = estimation (last 64 queries, random data, incl. key "
+        "spread uniformly; model = the default model's own selections at 16K on real text, "
+        "rescaled (mean of its 24 layers); DCA rows: one budget over the parts, or per part. "
+        "sparse_ms = estimation (last 64 queries, random data, incl. key "
         "gather) + conversion + kernel. Dense = cuDNN SDPA causal. MInference anchors from "
         "DESIGN.md section 5. keys_per_row and kernel_tflops count the whole tiles the kernel "
         "computes, all DCA parts together. Lower bounds (floor_*, best_speedup, "
@@ -797,7 +933,10 @@ def main() -> None:
     write_results(out, "sparse_gpu_checks", env, checks, "All checks passed.")
     default = [128] if args.quick else [128, 256, 512, 1024]
     lengths = [n * K for n in args.lengths or default]
-    per_layer(lengths, args.dense_1m, rows, flush)
+    pattern = load_model_pattern(args.model_pattern)
+    if pattern is None:
+        log(f"no captured pattern at {args.model_pattern}: the model rows are skipped")
+    per_layer(lengths, args.dense_1m, pattern, rows, flush)
     if (args.dry_run or not args.quick) and not args.skip_configs:
         tune(256 * K, rows, flush)
     if args.skip_ttft:

@@ -7,7 +7,7 @@ from typing import Any
 
 from longctx.config import DCAConfig
 from longctx.errors import ConfigError
-from longctx.sparse.config import SparseConfig, resolve_sparse_config
+from longctx.sparse.config import DCA_BUDGETS, SparseConfig, resolve_sparse_config
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -135,6 +135,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="queries per chunk that estimate the pattern (default 64)",
     )
+    s.add_argument(
+        "--sparse-dca-budget",
+        choices=DCA_BUDGETS,
+        default=None,
+        help="with DCA, spend each head's budget once over all key parts (shared, default) or "
+        "in each part (per_part: up to 3x the keys)",
+    )
 
 
 def sparse_from_args(args: argparse.Namespace) -> SparseConfig | bool | None:
@@ -148,6 +155,7 @@ def sparse_from_args(args: argparse.Namespace) -> SparseConfig | bool | None:
         args.model,
         threshold=args.sparse_threshold,
         last_q=args.sparse_last_q,
+        dca_budget=args.sparse_dca_budget,
     )
 
 

@@ -7,9 +7,10 @@ one entry per layer; each entry maps a head index (as a string) to
     [{"0": ["vertical_and_slash", 1000, 6096, 0.97], "1": [...], ...},   # layer 0
      {"0": [...], ...}, ...]                                             # layer 1, ...
 
-vertical_size key columns and slash_size diagonals are kept per head (and, with DCA, per key
-part); `score` is informational (the search or calibration recall). Heads or layers the file
-does not list use the defaults (1000 vertical / 6096 slash). `threshold`: a prefill chunk goes
+vertical_size key columns and slash_size diagonals are kept per head (with DCA: over all key
+parts, or in each with dca_budget "per_part"); `score` is informational (the search or
+calibration recall). Heads or layers the file does not list use the defaults (1000 vertical /
+6096 slash). `threshold`: a prefill chunk goes
 sparse only when its sequence's cached length after the chunk passes it (shorter prompts stay
 dense and exact); `last_q`: how many of a chunk's last queries estimate the pattern.
 """
@@ -31,6 +32,7 @@ DEFAULT_VERTICAL = 1000
 DEFAULT_SLASH = 6096
 DEFAULT_THRESHOLD = 32768
 DEFAULT_LAST_Q = 64
+DCA_BUDGETS = ("shared", "per_part")
 BUILTIN_DEFAULT = "default"  # --sparse-config default: the default budget for every head
 
 
@@ -60,6 +62,9 @@ class SparseConfig:
     last_q: int = DEFAULT_LAST_Q
     default_vertical: int = DEFAULT_VERTICAL
     default_slash: int = DEFAULT_SLASH
+    # With DCA: one budget per head over all key parts, or the whole budget in each part
+    # (longctx/sparse/estimate.py).
+    dca_budget: str = "shared"
     source: str | None = None  # where the patterns came from, for messages
 
     def __post_init__(self) -> None:
@@ -69,6 +74,11 @@ class SparseConfig:
             raise ConfigError(f"sparse last_q must be >= 1, got {self.last_q}")
         if self.default_vertical < 0 or self.default_slash < 0:
             raise ConfigError("default sparse budgets must be >= 0")
+        if self.dca_budget not in DCA_BUDGETS:
+            raise ConfigError(
+                f"sparse dca_budget must be one of {', '.join(DCA_BUDGETS)}, "
+                f"got {self.dca_budget!r}"
+            )
 
     def pattern(self, layer: int, head: int) -> HeadPattern:
         if layer < len(self.layers) and head < len(self.layers[layer]):
@@ -174,6 +184,7 @@ def resolve_sparse_config(
     *,
     threshold: int | None = None,
     last_q: int | None = None,
+    dca_budget: str | None = None,
 ) -> SparseConfig | None:
     """Turn what the user gave into a SparseConfig, or None for dense prefill.
 
@@ -181,7 +192,7 @@ def resolve_sparse_config(
     (off); None or True (look at the model: a `sparse_attention_config.json` beside its
     config.json, or the config.json keys `sparse_attention_config` / `sparse_attention_enabled`
     / `sparse_attention_threshold` / `sparse_attention_last_q`; True turns defaults on when the
-    model has nothing). threshold / last_q override whatever was found.
+    model has nothing). threshold / last_q / dca_budget override whatever was found.
     """
     if spec is False:
         return None
@@ -196,13 +207,14 @@ def resolve_sparse_config(
     else:
         config = SparseConfig.load(spec)
     if config is None:
-        if threshold is not None or last_q is not None:
+        if threshold is not None or last_q is not None or dca_budget is not None:
             raise ConfigError(
-                "--sparse-threshold / --sparse-last-q need a sparse config: pass "
+                "--sparse-threshold / --sparse-last-q / --sparse-dca-budget need a sparse "
+                "config: pass "
                 f"--sparse-config PATH (or 'default'), or a model with {CONFIG_FILENAME}"
             )
         return None
-    overrides = {"threshold": threshold, "last_q": last_q}
+    overrides = {"threshold": threshold, "last_q": last_q, "dca_budget": dca_budget}
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 

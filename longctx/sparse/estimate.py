@@ -23,6 +23,17 @@ Without DCA there is one part, intra, with c = infinity.
 Softmax in float32 over the union of a row's keys in all parts (the scores of each part
 computed with that part's selection query); memory is bounded by processing a few q heads at
 a time. GQA: every q head gets its own pattern.
+
+Budgets with DCA. Shared (the default, as in the Qwen2.5-1M release's vLLM backend): a head's
+budget is spent once over all its parts, so a row visits about as many keys as without DCA.
+Columns compete across every key of the sequence (sinks: its first SINK_COLUMNS). Intra and
+successive distances are both continuous p - j, so a distance is one line for every row
+(intra for rows far enough into the chunk, successive before): their scores add up, and a
+chosen distance goes to both parts, the LOCAL_DIAGONALS nearest always. A folded inter
+distance is a line in each of the m older chunks: it competes by score per line and costs m
+lines of the budget (greedy by score / cost until the next pick would pass the budget).
+Per part (`shared_budget=False`): every part gets the whole budget and its own forced sinks and
+local diagonals (up to P times the keys).
 """
 
 from __future__ import annotations
@@ -117,12 +128,17 @@ def estimate_indices(
     slash_sizes: Sequence[int],
     *,
     scale: float,
+    shared_budget: bool = True,
     max_elements: int = SCORE_ELEMENTS,
 ) -> list[PartSelection]:
     """q_sel [P, R, Hq, D]: the R estimation queries (absolute positions est_pos0 + i, the
     last rows of their segment) rotated at each part's selection positions (YaRN factor
-    included); keys [L, Hkv, D] rotated as cached (position = row). Budgets per q head."""
+    included); keys [L, Hkv, D] rotated as cached (position = row). Budgets per q head, spent
+    once over all parts or per part (module doc)."""
     vert, slash = part_scores(q_sel, keys, parts, est_pos0, scale=scale, max_elements=max_elements)
+    if shared_budget and len(parts) > 1:
+        return shared_selection(vert, slash, parts, est_pos0, q_sel.shape[1], vertical_sizes,
+                                slash_sizes)  # fmt: skip
     return [
         PartSelection(
             top_vertical(v, p, vertical_sizes),
@@ -230,6 +246,88 @@ class DiagonalSums:
             self.buffer.storage_offset(),
         )
         return view.sum(1).flip(-1)
+
+
+def shared_selection(
+    vert: Sequence[Tensor],
+    slash: Sequence[Tensor],
+    parts: Sequence[SparsePart],
+    est_pos0: int,
+    rows: int,
+    vertical_sizes: Sequence[int],
+    slash_sizes: Sequence[int],
+) -> list[PartSelection]:
+    """One budget per head over all parts (module doc), from part_scores' output. The parts
+    must tile the keys [0, q_end) (segment_parts does)."""
+    by_key = sorted(range(len(parts)), key=lambda i: parts[i].key_lo)
+    lo = parts[by_key[0]].key_lo
+    every = torch.cat([vert[i] for i in by_key], dim=1)  # [Hq, keys], key = lo + index
+    cols = lo + _top_per_head(_force_first(every, SINK_COLUMNS), vertical_sizes, NO_COLUMN - lo)
+    verticals = [
+        _compact(torch.where((cols >= p.key_lo) & (cols < p.key_hi), cols, NO_COLUMN), NO_COLUMN)
+        for p in parts
+    ]
+
+    # Candidates: continuous distances d_lo.. (intra + successive scores added), then inter's
+    # folded distances.
+    spans = [_slash_span(p, est_pos0, rows) for p in parts]  # (first, lowest valid, last)
+    line = [i for i, p in enumerate(parts) if not p.fold]
+    d_lo = min(spans[i][1] for i in line)
+    d_hi = max(spans[i][2] for i in line)
+    hq = slash[0].shape[0]
+    dev = slash[0].device
+    cont = torch.full((hq, d_hi - d_lo + 1), float("-inf"), device=dev)
+    for i in line:
+        first, lowest, last = spans[i]
+        region = cont[:, lowest - d_lo : last - d_lo + 1]
+        region.copy_(torch.where(region.isinf(), 0.0, region) + slash[i][:, lowest - first :])
+    cont = _force_first(cont, LOCAL_DIAGONALS)
+    fold = [i for i, p in enumerate(parts) if p.fold]
+    density, cost = [cont], [torch.ones(cont.shape[1], device=dev)]
+    for i in fold:
+        lines = parts[i].num_keys // parts[i].fold
+        density.append(slash[i] / lines)
+        cost.append(torch.full((slash[i].shape[1],), float(lines), device=dev))
+    picked = _greedy(torch.cat(density, 1), torch.cat(cost), slash_sizes)  # [Hq, k] or -1
+    slashes = []
+    n_cont = cont.shape[1]
+    for i, p in enumerate(parts):
+        if not p.fold:
+            ok = (picked >= 0) & (picked < n_cont)
+            slashes.append(torch.where(ok, picked + d_lo, NO_SLASH))
+            continue
+        start = n_cont + sum(density[1 + fold.index(j)].shape[1] for j in fold if j < i)
+        ok = (picked >= start) & (picked < start + slash[i].shape[1])
+        slashes.append(_compact(torch.where(ok, picked - start + spans[i][0], NO_SLASH), NO_SLASH))
+    return [PartSelection(v, s) for v, s in zip(verticals, slashes, strict=True)]
+
+
+def _compact(x: Tensor, pad: int) -> Tensor:
+    """x [H, k] with the pad entries moved last and the columns that are pad in every row cut
+    (a part's share of a shared budget is a fraction of it: conversion cost follows the width)."""
+    real = x != pad
+    k = int(real.sum(1).max()) if x.numel() else 0
+    order = torch.sort(real.to(torch.int8), dim=1, descending=True, stable=True).indices
+    return x.gather(1, order[:, :k])
+
+
+def _slash_span(part: SparsePart, est_pos0: int, rows: int) -> tuple[int, int, int]:
+    """Selection distances of a part's slash scores: (of index 0, lowest valid, of the last)."""
+    width = part.diagonal_width
+    first = est_pos0 - part.key_lo + part.q_shift - width + 1
+    lowest = max(first, part.q_shift) if part.causal else first
+    return first, lowest, first + rows + width - 2
+
+
+def _greedy(density: Tensor, cost: Tensor, sizes: Sequence[int]) -> Tensor:
+    """Per head, candidates by falling density while their summed cost stays within the
+    head's size; indices [H, k] into the candidates, -1 padding. -inf candidates never count."""
+    order = torch.sort(density, dim=1, descending=True)
+    spent = torch.cumsum(cost[order.indices], dim=1)
+    size = torch.tensor(list(sizes), device=density.device, dtype=spent.dtype)
+    keep = (spent <= size[:, None]) & (order.values > float("-inf"))
+    k = int(keep.sum(1).max()) if keep.numel() else 0
+    return torch.where(keep[:, :k], order.indices[:, :k], -1)
 
 
 def top_vertical(scores: Tensor, part: SparsePart, sizes: Sequence[int]) -> Tensor:

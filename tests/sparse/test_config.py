@@ -104,7 +104,12 @@ def test_resolve_explicit_specs(tmp_path):
 
 def _args(**kw):
     base = dict(
-        model=None, no_sparse=False, sparse_config=None, sparse_threshold=None, sparse_last_q=None
+        model=None,
+        no_sparse=False,
+        sparse_config=None,
+        sparse_threshold=None,
+        sparse_last_q=None,
+        sparse_dca_budget=None,
     )
     return types.SimpleNamespace(**{**base, **kw})
 
@@ -113,6 +118,10 @@ def test_cli_flags(tmp_path):
     assert sparse_from_args(_args()) is None
     assert sparse_from_args(_args(no_sparse=True)) is False
     cfg = sparse_from_args(_args(sparse_config="default", sparse_threshold=100, sparse_last_q=4))
-    assert (cfg.threshold, cfg.last_q) == (100, 4)
+    assert (cfg.threshold, cfg.last_q, cfg.dca_budget) == (100, 4, "shared")
+    cfg = sparse_from_args(_args(sparse_config="default", sparse_dca_budget="per_part"))
+    assert cfg.dca_budget == "per_part"
+    with pytest.raises(ConfigError, match="dca_budget must be one of shared, per_part"):
+        SparseConfig(dca_budget="each")
     with pytest.raises(ConfigError, match="exclude"):
         sparse_from_args(_args(no_sparse=True, sparse_config="default"))

@@ -1,6 +1,7 @@
 """Online index estimation against explicit loops: softmax over the union of a row's keys in
 every part, column sums, sums along selection diagonals (continuous positions, inter folded),
-forced sink columns and local diagonals, per-head top-k with per-head budgets."""
+forced sink columns and local diagonals, per-head top-k with per-head budgets, spent per DCA
+part or once over all parts."""
 
 from __future__ import annotations
 
@@ -65,7 +66,9 @@ def test_selection_matches_brute_force(q_start, q_end, dca, rows, vsizes, ssizes
     for seg_start, seg_end, parts in segments(q_start, q_end, dca):
         q_sel = randn(len(parts), rows, HQ, D, seed=seg_start)
         est = seg_end - rows
-        got = estimate_indices(q_sel, keys[:seg_end], parts, est, vsizes, ssizes, scale=SCALE)
+        got = estimate_indices(
+            q_sel, keys[:seg_end], parts, est, vsizes, ssizes, scale=SCALE, shared_budget=False
+        )
         want = brute_scores(q_sel, keys, parts, est)
         for pi, part in enumerate(parts):
             for h in range(HQ):
@@ -78,6 +81,61 @@ def test_selection_matches_brute_force(q_start, q_end, dca, rows, vsizes, ssizes
                 dists = {int(d) for d in got[pi].slash[h] if d != NO_SLASH}
                 assert cols == brute_top(vert, sinks, vsizes[h]), (pi, h)
                 assert dists == brute_top(slash, local, ssizes[h]), (pi, h)
+
+
+def brute_shared(want, parts, vsize: int, ssize: int, h: int):
+    """One budget over all parts: (columns, continuous distances, inter folded distances)."""
+    vert = {j: x for pi in range(len(parts)) for j, x in want[pi][h][0].items()}
+    cols = brute_top(vert, [j for j in sorted(vert) if j < SINK_COLUMNS], vsize)
+    line = {}  # intra + successive scores per continuous distance
+    cands = []  # (density, cost, kind, distance)
+    for pi, part in enumerate(parts):
+        for d, x in want[pi][h][1].items():
+            if part.fold:
+                m = part.num_keys // part.fold
+                cands.append((x / m, m, "inter", d))
+            else:
+                line[d] = line.get(d, 0.0) + x
+    forced = sorted(line)[:LOCAL_DIAGONALS]
+    cands += [(x, 1, "line", d) for d, x in line.items() if d not in forced]
+    cands = [(float("inf"), 1, "line", d) for d in forced] + sorted(cands, key=lambda c: -c[0])
+    picked, spent = {"line": set(), "inter": set()}, 0
+    for _, cost, kind, d in cands:
+        if spent + cost > ssize:
+            break
+        spent += cost
+        picked[kind].add(d)
+    return cols, picked["line"], picked["inter"]
+
+
+@pytest.mark.parametrize(
+    "rows,vsizes,ssizes",
+    [(6, [35, 3, 64, 1], [110, 9, 0, 140]), (4, [300, 0, 31, 2], [400, 101, 1, 57])],
+)
+def test_shared_budget_matches_brute_force(rows, vsizes, ssizes):
+    """DCA segments of three and two parts: columns compete over the whole sequence, intra and
+    successive distances add up as one line, inter's folded lines cost one line per chunk."""
+    keys = randn(250, HKV, D, seed=5)
+    seen = set()
+    for seg_start, seg_end, parts in segments(100, 250, DCA):
+        q_sel = randn(len(parts), rows, HQ, D, seed=seg_start + 1)
+        est = seg_end - rows
+        got = estimate_indices(q_sel, keys[:seg_end], parts, est, vsizes, ssizes, scale=SCALE)
+        want = brute_scores(q_sel, keys, parts, est)
+        seen.add(len(parts))
+        for h in range(HQ):
+            cols, lines, inter = brute_shared(want, parts, vsizes[h], ssizes[h], h)
+            got_cols = set()
+            for pi, part in enumerate(parts):
+                mine = {int(c) for c in got[pi].vertical[h] if c != NO_COLUMN}
+                assert all(part.key_lo <= c < part.key_hi for c in mine), (pi, h)
+                got_cols |= mine
+                dists = {int(d) for d in got[pi].slash[h] if d != NO_SLASH}
+                assert dists == (inter if part.fold else lines), (pi, h)
+            assert got_cols == cols, h
+            spent = len(lines) + sum(p.num_keys // p.fold for p in parts if p.fold) * len(inter)
+            assert spent <= ssizes[h]
+    assert seen == {2, 3}
 
 
 def test_scores_match_brute_force_with_small_memory_budget():

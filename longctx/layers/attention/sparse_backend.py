@@ -19,7 +19,8 @@ the YaRN factor f(p)^2 (longctx/ops/dca.py). Estimation queries use continuous p
 The pattern file is per layer, and the backend interface does not pass the layer: each step's
 metadata counts the attention calls (the model calls layers 0..L-1 in order, once per step).
 A `recorder` sees the attention recall exp(lse_sparse - lse_full) of sampled rows per layer
-(`longctx calibrate`).
+(`longctx calibrate`); an `observer` sees each segment's selected columns and diagonals
+(benchmarks/capture_pattern_cpu.py records what a real model picks).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from longctx.layers.rotary import RotaryEmbedding, apply_rotary
 from longctx.ops.dca import DCASegment, dca_segments, key_positions, query_positions, yarn_factor
 from longctx.sparse.config import SparseConfig
 from longctx.sparse.convert import SegmentIndex, convert_indices
-from longctx.sparse.estimate import SparsePart, estimate_indices, segment_parts
+from longctx.sparse.estimate import PartSelection, SparsePart, estimate_indices, segment_parts
 from longctx.sparse.reference import dense_lse, sparse_attention_reference
 
 Tensor = torch.Tensor
@@ -58,6 +59,17 @@ class RecallRecorder(Protocol):
     def record(self, layer: int, recall: Tensor) -> None:
         """recall [Hq, rows] in [0, 1]: share of each sampled row's attention that the sparse
         pattern kept."""
+
+
+class SelectionObserver(Protocol):
+    def selected(
+        self,
+        layer: int,
+        segment: DCASegment,
+        parts: tuple[SparsePart, ...],
+        sel: list[PartSelection],
+    ) -> None:
+        """sel: one PartSelection per part (longctx/sparse/estimate.py), as estimated."""
 
 
 @dataclass(frozen=True)
@@ -111,10 +123,11 @@ class SparseAttentionBackend(AttentionBackend):
         dense: AttentionBackend,
         recorder: RecallRecorder | None = None,
         use_kernel: bool | None = None,
+        observer: SelectionObserver | None = None,
     ) -> None:
         super().__init__(config)
         self.dense = dense
-        self.prefill = SparsePrefill(config, sparse, self.scale, recorder, use_kernel)
+        self.prefill = SparsePrefill(config, sparse, self.scale, recorder, use_kernel, observer)
 
     @property
     def supports_cuda_graphs(self) -> bool:
@@ -210,9 +223,11 @@ class SparsePrefill:
         scale: float,
         recorder: RecallRecorder | None = None,
         use_kernel: bool | None = None,
+        observer: SelectionObserver | None = None,
     ) -> None:
         sparse.check_model(config.num_layers, config.num_heads)
         self.config, self.sparse, self.scale, self.recorder = config, sparse, scale, recorder
+        self.observer = observer
         self._use_kernel = use_kernel
         self._budgets = [sparse.budgets(lyr, config.num_heads) for lyr in range(config.num_layers)]
 
@@ -275,8 +290,17 @@ class SparsePrefill:
         vertical, slash = self._budgets[layer]
         seg = plan.segment
         selections = estimate_indices(
-            q_sel, keys, plan.parts, seg.q_end - q_sel.shape[1], vertical, slash, scale=self.scale
+            q_sel,
+            keys,
+            plan.parts,
+            seg.q_end - q_sel.shape[1],
+            vertical,
+            slash,
+            scale=self.scale,
+            shared_budget=self.sparse.dca_budget == "shared",
         )
+        if self.observer is not None:
+            self.observer.selected(layer, seg, plan.parts, selections)
         block_m, block_n = self._blocks(q.device, q.shape[-1])
         index = convert_indices(
             selections,
