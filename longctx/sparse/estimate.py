@@ -264,7 +264,7 @@ def shared_selection(
     every = torch.cat([vert[i] for i in by_key], dim=1)  # [Hq, keys], key = lo + index
     cols = lo + _top_per_head(_force_first(every, SINK_COLUMNS), vertical_sizes, NO_COLUMN - lo)
     verticals = [
-        _compact(torch.where((cols >= p.key_lo) & (cols < p.key_hi), cols, NO_COLUMN), NO_COLUMN)
+        compact(torch.where((cols >= p.key_lo) & (cols < p.key_hi), cols, NO_COLUMN), NO_COLUMN)
         for p in parts
     ]
 
@@ -298,11 +298,11 @@ def shared_selection(
             continue
         start = n_cont + sum(density[1 + fold.index(j)].shape[1] for j in fold if j < i)
         ok = (picked >= start) & (picked < start + slash[i].shape[1])
-        slashes.append(_compact(torch.where(ok, picked - start + spans[i][0], NO_SLASH), NO_SLASH))
+        slashes.append(compact(torch.where(ok, picked - start + spans[i][0], NO_SLASH), NO_SLASH))
     return [PartSelection(v, s) for v, s in zip(verticals, slashes, strict=True)]
 
 
-def _compact(x: Tensor, pad: int) -> Tensor:
+def compact(x: Tensor, pad: int) -> Tensor:
     """x [H, k] with the pad entries moved last and the columns that are pad in every row cut
     (a part's share of a shared budget is a fraction of it: conversion cost follows the width)."""
     real = x != pad
