@@ -28,10 +28,11 @@ folded line crosses), and, for comparison, per part: every part its own full pat
    the same index (plain causal and three DCA parts), and full budgets against dense SDPA.
 2. Per-layer attention time at 128K..1M tokens, one prefill of the whole length: dense cuDNN
    SDPA (causal, GQA) against sparse = estimation (last 64 queries vs every key, timed on the
-   random data; includes gathering the keys from the cache) + index conversion (of the fixed
-   pattern) + kernel. Speedup beside MInference's (DESIGN.md section 5: 4.7x/21x/44x local,
-   1.4x/5.5x/10.3x mixed at 128K/512K/1M). cuDNN at 1M runs once (about 16 s); --dense-1m
-   extrapolate uses 4x the 512K time instead.
+   random data; includes gathering the keys from the cache; scores from the Triton passes, as
+   the engine runs them on CUDA; the PyTorch scores' time beside, estimate_torch_ms) + index
+   conversion (of the fixed pattern) + kernel. Speedup beside MInference's (DESIGN.md section
+   5: 4.7x/21x/44x local, 1.4x/5.5x/10.3x mixed at 128K/512K/1M). cuDNN at 1M runs once
+   (about 16 s); --dense-1m extrapolate uses 4x the 512K time instead.
    Beside each row, a lower bound computed from the row's own selections and index
    (`pattern_work`), with the copy bandwidth and cuDNN's dense rate measured in the same call:
      pairs      (row, key) pairs the pattern names, summed over q heads and parts: per row, the
@@ -81,6 +82,7 @@ sys.path.insert(0, ".")
 from benchmarks.common import environment, out_dir, write_results  # noqa: E402
 from longctx.layers.attention.backend import KVCache  # noqa: E402
 from longctx.layers.attention.sparse_backend import sequence_kv  # noqa: E402
+from longctx.ops.triton.sparse_estimate import part_scores_triton  # noqa: E402
 from longctx.ops.triton.vs_sparse import (  # noqa: E402
     SparseKernelConfig,
     sparse_config,
@@ -94,6 +96,7 @@ from longctx.sparse.estimate import (  # noqa: E402
     SparsePart,
     compact,
     estimate_indices,
+    part_scores,
     segment_parts,
 )
 from longctx.sparse.reference import sparse_attention_reference  # noqa: E402
@@ -449,6 +452,13 @@ def run_checks() -> list[dict]:
             [SLASH // 8] * HQ,
             scale=SCALE,
         )
+        args = (qp[:, -LAST_Q:], k, parts, length - LAST_Q)
+        got = part_scores_triton(*args, scale=SCALE)
+        want = part_scores(*args, scale=SCALE)
+        err = max((a - b).abs().max().item() for a, b in zip(got[0] + got[1], want[0] + want[1]))
+        rows.append(dict(check=f"Triton estimation scores vs PyTorch, {name}", max_abs_err=err))
+        if not err < 2e-2:
+            raise SystemExit(f"CHECK FAILED: {rows[-1]}")
         index = convert_indices(sels, parts, q0, n, block_m=cfg.block_m, block_n=cfg.block_n)
         out, lse = vs_sparse_attention(qp, cache.k, cache.v, table, index, scale=SCALE)
         ref_out, ref_lse = sparse_attention_reference(qp, k, v, index, scale=SCALE)
@@ -477,14 +487,17 @@ def run_checks() -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 
-def time_estimation(q: torch.Tensor, cache: KVCache, table: torch.Tensor, length: int) -> float:
+def time_estimation(
+    q: torch.Tensor, cache: KVCache, table: torch.Tensor, length: int, kernel: bool = True
+) -> float:
+    """kernel: the Triton scores (the engine's CUDA path), else the PyTorch ones."""
     part = SparsePart(0, length, causal=True)
 
     def run():
         keys, _ = sequence_kv(cache, table, length, with_values=False)
         return estimate_indices(
             q[None, -LAST_Q:], keys, [part], length - LAST_Q, [VERTICAL] * HQ, [SLASH] * HQ,
-            scale=SCALE,
+            scale=SCALE, kernel=kernel,
         )  # fmt: skip
 
     return cuda_seconds(run, reps=3)
@@ -564,7 +577,11 @@ def per_layer(
             free()
         del k, v
         est_s = time_estimation(q, cache, table, length)
-        log(f"  dense {dense_s[length]:.3f} s ({dense_note}), estimation {est_s * 1e3:.1f} ms")
+        est_torch_s = time_estimation(q, cache, table, length, kernel=False)
+        log(
+            f"  dense {dense_s[length]:.3f} s ({dense_note}), estimation {est_s * 1e3:.1f} ms "
+            f"(PyTorch scores {est_torch_s * 1e3:.1f} ms)"
+        )
         data = (q, cache, table, length)
         runs: list[tuple[str, Callable[[], dict]]] = [
             (kind, partial(sparse_layer, *data, kind, cfg, reps_for(length), True))
@@ -606,6 +623,7 @@ def per_layer(
                     dense_s=dense_s[length],
                     dense=dense_note + (" (cuDNN causal, no DCA)" if dca else ""),
                     estimate_ms=est_ms,
+                    estimate_torch_ms=None if dca else est_torch_s * 1e3,
                     **res,
                     sparse_ms=total_s * 1e3,
                     speedup=speedup,
@@ -668,7 +686,7 @@ def dca_layer(
             qp = q[None, seg.q_start : seg.q_end].expand(len(parts), -1, -1, -1)
             estimate_indices(
                 qp[:, -LAST_Q:], keys[: seg.q_end], parts, seg.q_end - LAST_Q,
-                [VERTICAL] * HQ, [SLASH] * HQ, scale=SCALE, shared_budget=shared,
+                [VERTICAL] * HQ, [SLASH] * HQ, scale=SCALE, shared_budget=shared, kernel=True,
             )  # fmt: skip
             watch.mark()
             index = convert_indices(
@@ -784,8 +802,9 @@ def chunked_layer(length: int, chunk: int, kind: str, cfg: SparseKernelConfig, d
         watch.mark()
         keys, _ = sequence_kv(cache, table, e, with_values=False)
         estimate_indices(
-            qp[:, -LAST_Q:], keys, parts, e - LAST_Q, [VERTICAL] * HQ, [SLASH] * HQ, scale=SCALE
-        )
+            qp[:, -LAST_Q:], keys, parts, e - LAST_Q, [VERTICAL] * HQ, [SLASH] * HQ,
+            scale=SCALE, kernel=True,
+        )  # fmt: skip
         watch.mark()
         index = convert_indices(sels, parts, s, e - s, block_m=cfg.block_m, block_n=cfg.block_n)
         watch.mark()

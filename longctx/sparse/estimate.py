@@ -129,13 +129,24 @@ def estimate_indices(
     *,
     scale: float,
     shared_budget: bool = True,
+    kernel: bool = False,
     max_elements: int = SCORE_ELEMENTS,
 ) -> list[PartSelection]:
     """q_sel [P, R, Hq, D]: the R estimation queries (absolute positions est_pos0 + i, the
     last rows of their segment) rotated at each part's selection positions (YaRN factor
     included); keys [L, Hkv, D] rotated as cached (position = row). Budgets per q head, spent
-    once over all parts or per part (module doc)."""
-    vert, slash = part_scores(q_sel, keys, parts, est_pos0, scale=scale, max_elements=max_elements)
+    once over all parts or per part (module doc). kernel: the scores from the Triton passes
+    (longctx/ops/triton/sparse_estimate.py, the CUDA path), else from part_scores."""
+    if kernel:
+        from longctx.ops.triton.sparse_estimate import part_scores_triton
+
+        vert, slash = part_scores_triton(
+            q_sel, keys, parts, est_pos0, scale=scale, max_elements=max_elements
+        )
+    else:
+        vert, slash = part_scores(
+            q_sel, keys, parts, est_pos0, scale=scale, max_elements=max_elements
+        )
     if shared_budget and len(parts) > 1:
         return shared_selection(vert, slash, parts, est_pos0, q_sel.shape[1], vertical_sizes,
                                 slash_sizes)  # fmt: skip

@@ -134,6 +134,11 @@ def _cases() -> dict[str, dict]:
         kernel="ws", d=128, dtype="fp16", paged=False, page=128, causal=True
     )
     cases["rotate-d128-bf16-dca"] = dict(kernel="rotate", d=128, dtype="bf16")
+    for causal in (False, True):  # the pattern estimation's two passes
+        for kernel in ("est_stats", "est_probs"):
+            cases[f"{kernel}-d128-bf16-{'causal' if causal else 'parts'}"] = dict(
+                kernel=kernel, d=128, dtype="bf16", causal=causal
+            )
     cases["merge-d128-bf16"] = dict(kernel="merge", d=128, dtype="bf16")
     # fp8 KV cache (float8_e4m3fn values + float32 scales), bf16 compute
     for dca in (False, True):
@@ -248,6 +253,28 @@ def _compile_case(case: dict) -> dict:
         ints.update(chunk_len=253952, chunk_size=262144, stride_op=3584 * 32768)
         sig, attrs = _signature(fn, ptrs, ints, (), case["dtype"])
         const = dict(HEAD_DIM=case["d"], BLOCK_M=32, DCA=True, FAST_TRIG=True)
+        opts = dict(num_warps=4)
+    elif case["kernel"] in ("est_stats", "est_probs"):
+        se = importlib.import_module("longctx.ops.triton.sparse_estimate")
+        stats = case["kernel"] == "est_stats"
+        fn = se._row_stats_kernel if stats else se._probs_kernel
+        ptrs = dict(
+            q_ptr="*bf16", k_ptr="*bf16", m_ptr="*fp32", l_ptr="*fp32", lse_ptr="*fp32",
+            vert_ptr="*fp32", buf_ptr="*fp32",
+        )  # fmt: skip
+        ints = dict(
+            key_lo=0, key_hi=1048576, est_pos0=1048512, rows=64, num_tiles=16384, h0=0,
+            fold=253952, periods=3, width=253952, stride_qr=3584, stride_qh=128,
+            stride_kl=512, stride_kh=128, stride_vh=1048576, stride_bg=64 * 1048702,
+            stride_br=1048702,
+        )  # fmt: skip
+        sig, attrs = _signature(fn, ptrs, ints, ("scale",), case["dtype"])
+        const = dict(
+            GROUPS=7, CAUSAL=case["causal"], HEAD_DIM=case["d"], ROWS_PAD=64,
+            BLOCK_N=se.BLOCK_N, UPCAST=False,
+        )  # fmt: skip
+        if stats:
+            const["SLOTS"] = se.SLOTS
         opts = dict(num_warps=4)
     elif case["kernel"] == "merge":
         fn = fp._merge_parts_kernel

@@ -298,6 +298,7 @@ class SparsePrefill:
             slash,
             scale=self.scale,
             shared_budget=self.sparse.dca_budget == "shared",
+            kernel=self.uses_kernel(q.device),
         )
         if self.observer is not None:
             self.observer.selected(layer, seg, plan.parts, selections)
