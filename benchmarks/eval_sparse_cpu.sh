@@ -7,8 +7,12 @@
 #      125 vertical / 762 slash per head, so that sparsity is real;
 #   2. calibration on real text (this repository's Python sources, concatenated): per-head recall
 #      before and after raising the budgets of heads under 0.95 (report + heatmap);
-#   3. passkey at 16K: dense vs sparse (start budgets) vs sparse (refined budgets).
-# Prefill chunks of 4096 tokens; chunks go sparse once the cached length passes 4096.
+#   3. passkey at 16K: dense vs sparse (start budgets) vs sparse (refined budgets);
+#   4. sparse inside DCA on real weights: passkey at 8K with DCA chunk 2048 / local 512 (the
+#      setting of benchmarks/results/dca/passkey_8k_dca, dense there), budgets at the same
+#      share of an 8K prompt (62 / 381), one budget over the DCA parts vs each part its own.
+# Prefill chunks of 4096 tokens (2048 for 4); chunks go sparse once the cached length passes
+# 4096 (2048).
 #
 #   nohup bash benchmarks/eval_sparse_cpu.sh > benchmarks/results/sparse_cpu/eval.log 2>&1 &
 set -u
@@ -18,10 +22,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$OUT"
 DATA=$OUT/calibration_text.txt  # not committed: rebuilt from the sources of this commit
 find longctx -name '*.py' | sort | xargs cat > "$DATA"
-.venv/bin/python - "$OUT/start_16k.json" <<'PY'
+.venv/bin/python - "$OUT" <<'PY'
 import json, sys
-layer = {str(h): ["vertical_and_slash", 125, 762, 0.0] for h in range(14)}
-json.dump([layer] * 24, open(sys.argv[1], "w"), indent=1)
+for name, v, s in (("start_16k", 125, 762), ("start_8k", 62, 381)):
+    layer = {str(h): ["vertical_and_slash", v, s, 0.0] for h in range(14)}
+    json.dump([layer] * 24, open(f"{sys.argv[1]}/{name}.json", "w"), indent=1)
 PY
 SPARSE=(--sparse-threshold 4096 --max-num-batched-tokens 4096)
 echo "=== $(date -u +%FT%TZ) calibrate"
@@ -38,5 +43,13 @@ for mode in dense start refined; do
         refined) flags=(--sparse-config "$OUT/refined_16k.json" "${SPARSE[@]}") ;;
     esac
     "${PASSKEY[@]}" --out "$OUT/passkey_16k_$mode" "${flags[@]}" || echo "=== $mode failed"
+done
+DCA=(--lengths 8192 --depths 0.1,0.5,0.9 --samples 1 --dca-chunk-size 2048 --dca-local-size 512
+    --sparse-config "$OUT/start_8k.json" --sparse-threshold 2048 --max-num-batched-tokens 2048)
+for budget in shared per_part; do
+    echo "=== $(date -u +%FT%TZ) passkey 8K DCA 2048/512 sparse, $budget budget"
+    .venv/bin/longctx eval passkey --dtype float32 --seed 0 --resume "${DCA[@]}" \
+        --sparse-dca-budget $budget --out "$OUT/passkey_8k_dca_sparse_$budget" \
+        || echo "=== $budget failed"
 done
 echo "=== $(date -u +%FT%TZ) done"
