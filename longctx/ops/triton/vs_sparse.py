@@ -151,7 +151,16 @@ def _tile_keys(TO, TE, t, t_end, m0, lo, hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.
     return start, end
 
 
-@triton.jit
+# Integers that change from one prefill chunk to the next (positions, row counts, the index's
+# shapes) are not specialized on: each new divisibility pattern would otherwise compile the
+# kernel again in the middle of a long prompt (~1 s each; seen with DCA and 32K chunks).
+_PER_CHUNK_INTS = [
+    "q_pos0", "n_rows", "stride_qp", "stride_tp", "stride_th", "stride_rp", "stride_rh",
+    "stride_cp", "stride_ch", "stride_cb", "stride_np", "stride_nh",
+]  # fmt: skip
+
+
+@triton.jit(do_not_specialize=_PER_CHUNK_INTS)
 def _vs_sparse_kernel(
     Q,
     K,
