@@ -51,6 +51,7 @@ def main() -> None:
             kv_cache_gib=24,
             max_num_seqs=max(batches),
             enforce_eager=eager,
+            enable_prefix_caching=False,  # timed prompts may repeat
         )
         vocab = llm.engine.model_config.vocab_size
         for b in batches:

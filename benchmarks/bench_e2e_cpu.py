@@ -44,7 +44,8 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="sdpa"
     ).eval()
-    llm = LLM(dtype="float32", device="cpu")  # engine defaults: 8K prompts prefill in 2 chunks
+    # engine defaults (8K prompts prefill in 2 chunks), but no prefix caching: best_of repeats
+    llm = LLM(dtype="float32", device="cpu", enable_prefix_caching=False)
     vocab = hf.config.vocab_size
     rows = []
     with torch.inference_mode():

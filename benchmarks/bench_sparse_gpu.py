@@ -550,8 +550,30 @@ def with_floors(res: dict, estimate_s: float, dense_s: float, length: int, copy_
     return out | dict(kernel_vs_floor=res["kernel_ms"] / bound_ms)
 
 
+def minference_layer(mi, q, k, v, cache, table, sel, length: int, cfg) -> dict:
+    """MInference's converter and kernel (benchmarks/minference_anchor.py) on the same fixed
+    pattern, beside ours on the same inputs: times, and how far the two outputs are apart."""
+    from benchmarks import minference_anchor as mia
+
+    v_idx, s_idx = mia.indexes(sel.vertical, sel.slash, NO_COLUMN, NO_SLASH)
+    convert_s = cuda_seconds(lambda: mia.convert(mi, v_idx, s_idx, length), reps=2)
+    index = mia.convert(mi, v_idx, s_idx, length)
+    qh = q.transpose(0, 1)[None]
+    kh, vh = (x.repeat_interleave(HQ // HKV, 1).transpose(0, 1)[None] for x in (k, v))
+    run = lambda: mia.attention(mi, qh, kh, vh, index, length)
+    kernel_s = cuda_seconds(run, reps=reps_for(length))
+    theirs = run()[0].transpose(0, 1)
+    part = SparsePart(0, length, causal=True)
+    ours_index = convert_indices([sel], [part], 0, length, block_m=cfg.block_m, block_n=cfg.block_n)
+    ours, _ = vs_sparse_attention(q[None], cache.k, cache.v, table, ours_index, scale=SCALE,
+                                  config=cfg)  # fmt: skip
+    diff = (theirs.float() - ours.float()).norm() / ours.float().norm()
+    return dict(mi_convert_ms=convert_s * 1e3, mi_kernel_ms=kernel_s * 1e3,
+                mi_vs_ours_rel_diff=float(diff))  # fmt: skip
+
+
 def per_layer(
-    lengths: list[int], dense_1m: str, pattern: dict | None, rows: list[dict], flush
+    lengths: list[int], dense_1m: str, pattern: dict | None, rows: list[dict], flush, mi=None
 ) -> dict[int, float]:
     cfg = kernel_config()
     gqa = cudnn_takes_gqa()
@@ -575,6 +597,13 @@ def per_layer(
             dense_note = "measured"
             del fn
             free()
+        mi_rows = {}
+        if mi is not None:
+            for kind in ("local", "mixed"):
+                sel = fixed_pattern(kind, SparsePart(0, length, causal=True), 0, length,
+                                    seed=length + len(kind))  # fmt: skip
+                mi_rows[kind] = minference_layer(mi, q, k, v, cache, table, sel, length, cfg)
+                free()
         del k, v
         est_s = time_estimation(q, cache, table, length)
         est_torch_s = time_estimation(q, cache, table, length, kernel=False)
@@ -615,6 +644,17 @@ def per_layer(
                 else MINFERENCE.get(length, (None, None))[0 if label == "local" else 1]
             )
             speedup = dense_s[length] / total_s
+            if label in mi_rows:
+                res |= mi_rows[label]
+                res["speedup_kernel"] = dense_s[length] / (res["kernel_ms"] / 1e3)
+                res["minference_speedup_kernel"] = dense_s[length] / (res["mi_kernel_ms"] / 1e3)
+                res["vs_minference_kernel"] = res["mi_kernel_ms"] / res["kernel_ms"]
+                ours = res["convert_ms"] + res["kernel_ms"]
+                res["vs_minference_convert_kernel"] = (
+                    res["mi_convert_ms"] + res["mi_kernel_ms"]
+                ) / ours
+                anchor = (res["mi_convert_ms"] + res["mi_kernel_ms"] + est_ms) / 1e3
+                anchor = dense_s[length] / anchor  # measured in this call, same estimation
             rows.append(
                 dict(
                     section="per-layer",
@@ -923,6 +963,13 @@ def main() -> None:
         help="captured pattern for the model rows (benchmarks/capture_pattern_cpu.py)",
     )
     p.add_argument(
+        "--minference",
+        default=None,
+        metavar="PATH",
+        help="a checkout of microsoft/MInference: its CUDA converter and Triton kernel run "
+        "beside ours on the local and mixed patterns (benchmarks/minference_anchor.py)",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="tiny shapes on the CPU under TRITON_INTERPRET=1: checks the script, times nothing",
@@ -946,7 +993,10 @@ def main() -> None:
         "sparse_ms = estimation (last 64 queries, random data, incl. key "
         "gather) + conversion + kernel. Dense = cuDNN SDPA causal. MInference anchors from "
         "DESIGN.md section 5. keys_per_row and kernel_tflops count the whole tiles the kernel "
-        "computes, all DCA parts together. Lower bounds (floor_*, best_speedup, "
+        "computes, all DCA parts together. With --minference, minference_speedup is measured "
+        "in this call (their converter + kernel + our estimation) and mi_* / vs_minference_* "
+        "compare their converter and kernel with ours on the same pattern and inputs. "
+        "Lower bounds (floor_*, best_speedup, "
         "kernel_vs_floor): the script's docstring; copy_tbps and dense_tflops are this call's."
     )
 
@@ -965,7 +1015,14 @@ def main() -> None:
     pattern = load_model_pattern(args.model_pattern)
     if pattern is None:
         log(f"no captured pattern at {args.model_pattern}: the model rows are skipped")
-    per_layer(lengths, args.dense_1m, pattern, rows, flush)
+    mi = None
+    if args.minference:
+        from benchmarks import minference_anchor
+
+        mi = minference_anchor.load(args.minference)
+        log(f"MInference anchor built from {args.minference} (commit {mi.commit})")
+        env["minference_commit"] = mi.commit
+    per_layer(lengths, args.dense_1m, pattern, rows, flush, mi)
     if (args.dry_run or not args.quick) and not args.skip_configs:
         tune(256 * K, rows, flush)
     if args.skip_ttft:

@@ -58,7 +58,9 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def write_results(directory: Path, name: str, env: dict, rows: list[dict], notes: str = "") -> None:
+def write_results(
+    directory: Path, name: str, env: dict, rows: list[dict], notes: str = "", quiet: bool = False
+) -> None:
     (directory / f"{name}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     lines = [f"# {name}", "", "Environment: " + ", ".join(f"{k}={v}" for k, v in env.items()), ""]
     if notes:
@@ -71,7 +73,8 @@ def write_results(directory: Path, name: str, env: dict, rows: list[dict], notes
             lines.append("| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |")
     text = "\n".join(lines) + "\n"
     (directory / f"{name}.md").write_text(text)
-    print(text)
+    if not quiet:
+        print(text)
 
 
 def _fmt(v: object) -> str:

@@ -31,6 +31,7 @@ def main() -> None:
         dtype="bfloat16",
         attention_backend=args.backend,
         kv_cache_gib=8,
+        enable_prefix_caching=False,
     )
     eng = llm.engine
     g = torch.Generator().manual_seed(0)

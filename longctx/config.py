@@ -258,6 +258,13 @@ class EngineConfig:
     async_scheduling: bool | None = None
     seed: int = 0
     sparse: SparseConfig | None = None  # sparse prefill (longctx.sparse); None: dense
+    # Share computed full KV blocks between requests with a common prefix
+    # (longctx/engine/prefix_cache.py).
+    enable_prefix_caching: bool = True
+    # Pipeline parallelism (longctx/distributed): stages on as many devices (or processes).
+    pipeline_parallel_size: int = 1
+    pipeline_chunking: str = "dcpp"  # prefill chunk lengths there: "fixed" or "dcpp"
+    pipeline_timeout_s: float = 1800.0  # a stage silent this long on a micro-batch fails
 
     def __post_init__(self) -> None:
         if self.block_size is not None and (
@@ -275,3 +282,11 @@ class EngineConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
         resolve_kv_cache_dtype(self.kv_cache_dtype, torch.float32)  # refuses unknown names
+        if self.pipeline_parallel_size < 1:
+            raise ConfigError("pipeline_parallel_size must be at least 1")
+        if self.pipeline_chunking not in ("fixed", "dcpp"):
+            raise ConfigError(
+                f"pipeline_chunking must be fixed or dcpp, got {self.pipeline_chunking!r}"
+            )
+        if self.pipeline_timeout_s <= 0:
+            raise ConfigError("pipeline_timeout_s must be positive")

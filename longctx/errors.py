@@ -27,3 +27,8 @@ class OutOfKVMemoryError(LongctxError):
 
 class SamplingParamsError(LongctxError, ValueError):
     """A sampling parameter is out of its valid range."""
+
+
+class SavedKVError(LongctxError):
+    """Saved KV on disk is missing, truncated, corrupt, or was made with another model or other
+    settings than the engine loading it."""

@@ -62,3 +62,14 @@ def hf_greedy(hf: Qwen2ForCausalLM, ids: list[int], steps: int) -> list[int]:
         eos_token_id=None,
     )
     return out[0, len(ids) :].tolist()
+
+
+def random_checkpoint_with_real_tokenizer(seed: int = 3) -> Checkpoint:
+    """A tiny random model over the default model's vocabulary, with its real tokenizer: for
+    what needs real token texts (grammars, chat templates) but not a model that writes well."""
+    from longctx.loading import load_checkpoint
+
+    tokenizer = load_checkpoint(None).tokenizer
+    hf = tiny_hf_model(seed=seed, vocab_size=151936, hidden_size=32, intermediate_size=32)
+    ck = checkpoint_of(hf)
+    return Checkpoint(ck.config, tokenizer, "tiny-random+real-tokenizer", ck.weights)

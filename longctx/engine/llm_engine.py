@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
 
 from longctx.config import DCAConfig, EngineConfig, ModelConfig, resolve_dtype
+from longctx.engine.abort import AbortSignal, StepAborted
+from longctx.engine.forks import PromptForks
 from longctx.engine.kv_cache import BlockManager, blocks_for
 from longctx.engine.model_runner import LaunchedStep, ModelRunner
 from longctx.engine.outputs import RequestOutput
+from longctx.engine.prefix_cache import PrefixCacheStats, cache_identity
 from longctx.engine.scheduler import ScheduledBatch, Scheduler
 from longctx.engine.sequence import Sequence
-from longctx.errors import ConfigError, OutOfKVMemoryError, PromptTooLongError
+from longctx.errors import (
+    ConfigError,
+    OutOfKVMemoryError,
+    PromptTooLongError,
+    SamplingParamsError,
+)
 from longctx.loading.checkpoint import Checkpoint
 from longctx.sampling_params import SamplingParams
+from longctx.structured_output import GrammarCompiler, StructuredOutputError
 from longctx.tokenizer import IncrementalDetokenizer
 
 CPU_DEFAULT_BATCHED_TOKENS = 8192
@@ -57,6 +67,19 @@ def check_dca_block_size(dca: DCAConfig, block_size: int) -> None:
         )
 
 
+def default_batched_tokens(device: torch.device, dca: DCAConfig | None, sparse: bool) -> int:
+    """The prefill chunk length: with sparse prefill inside DCA on CUDA, one DCA chunk (when it
+    is not much longer than the usual chunk), so that a prompt's chunks start on DCA chunk
+    boundaries and each is one sparse segment: every segment pays an estimation against all
+    cached keys and an index conversion, and 32K chunks over 24K DCA chunks make 1.75
+    segments a chunk."""
+    if device.type != "cuda":
+        return CPU_DEFAULT_BATCHED_TOKENS
+    if sparse and dca is not None and dca.chunk_len <= 2 * CUDA_DEFAULT_BATCHED_TOKENS:
+        return dca.chunk_len
+    return CUDA_DEFAULT_BATCHED_TOKENS
+
+
 @dataclass(frozen=True)
 class InFlight:
     step: LaunchedStep
@@ -77,13 +100,10 @@ class LLMEngine:
         if self.model_config.dca is not None:
             check_dca_block_size(self.model_config.dca, config.block_size)
         self.max_model_len = config.max_model_len or default_max_model_len(self.model_config)
-        default_batched = (
-            CUDA_DEFAULT_BATCHED_TOKENS
-            if self.device.type == "cuda"
-            else CPU_DEFAULT_BATCHED_TOKENS
+        self.max_num_batched_tokens = config.max_num_batched_tokens or default_batched_tokens(
+            self.device, self.model_config.dca, config.sparse is not None
         )
-        self.max_num_batched_tokens = config.max_num_batched_tokens or default_batched
-        self.runner = ModelRunner(
+        self.runner = self._new_runner(
             self.model_config,
             config,
             checkpoint.weights,
@@ -93,8 +113,17 @@ class LLMEngine:
             self.max_model_len,
         )
         self.block_size = config.block_size
+        self.cache_identity = cache_identity(
+            self.model_config,
+            self.runner.model,
+            self.dtype,
+            self.runner.kv_dtype,
+            config.block_size,
+            config.sparse,
+        )
+        root = self.cache_identity.root() if config.enable_prefix_caching else None
         self.scheduler = Scheduler(
-            BlockManager(self.runner.num_blocks, config.block_size),
+            BlockManager(self.runner.num_blocks, config.block_size, prefix_root=root),
             config.max_num_seqs,
             self.max_num_batched_tokens,
         )
@@ -107,6 +136,22 @@ class LLMEngine:
             else self.device.type == "cuda"
         )
         self._inflight: InFlight | None = None
+        # Marks from other threads that unwind a prefill step between layers (see abort.py).
+        self.abort_signal = AbortSignal()
+        self.runner.abort_signal = self.abort_signal
+        self.failed_batch: ScheduledBatch | None = None  # the batch whose launch last raised
+        self.after_schedule: Callable[[], None] | None = None  # e.g. publish the queue gauges
+        self._forks = PromptForks()
+        # Cheap until a first structured request builds its tokenizer index.
+        self._grammars = (
+            GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
+            if self.tokenizer is not None
+            else None
+        )
+
+    def _new_runner(self, *args) -> ModelRunner:
+        """The model runner (a pipeline-parallel engine swaps in its own)."""
+        return ModelRunner(*args)
 
     # --- requests -------------------------------------------------------------------------
     def encode(self, prompt: str | Seq[int]) -> list[int]:
@@ -122,11 +167,15 @@ class LLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         prompt_token_ids: list[int] | None = None,
+        share_prompt_with: str | None = None,
     ) -> str:
         """Validate and queue a request; raises a LongctxError (and queues nothing) if it
-        cannot run. prompt_token_ids, if given, saves encoding the prompt again."""
+        cannot run. prompt_token_ids, if given, saves encoding the prompt again.
+        share_prompt_with: the id of a queued request with the same prompt, whose prefill this
+        one reuses (n > 1 sampling; see engine/forks.py)."""
         ids = prompt_token_ids if prompt_token_ids is not None else self.encode(prompt)
         self.check_fits(len(ids), params)
+        self.check_params(params)
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self._seqs:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -147,9 +196,25 @@ class LLMEngine:
         )
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs.append(None)
+        if params.structured_output is not None:
+            seq.grammar = self.grammars().matcher(params.structured_output)
+        leader = self._leader(share_prompt_with, ids)
         self._seqs[rid] = seq
-        self.scheduler.add(seq)
+        if leader is not None:
+            self._forks.hold(leader, seq)
+        else:
+            self.scheduler.add(seq)
         return rid
+
+    def _leader(self, request_id: str | None, prompt_ids: list[int]) -> Sequence | None:
+        if request_id is None:
+            return None
+        leader = self._seqs.get(request_id)
+        if leader is None or leader.prompt_token_ids != prompt_ids:
+            raise ValueError(
+                f"share_prompt_with: no running request {request_id!r} has this prompt"
+            )
+        return None if leader.is_finished else leader
 
     def check_fits(self, num_prompt: int, params: SamplingParams) -> None:
         if num_prompt == 0:
@@ -167,13 +232,37 @@ class LLMEngine:
                 "in all; raise kv_cache_gib (or gpu_memory_utilization), or shorten the prompt"
             )
 
+    def check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: token ids within this model's vocabulary,
+        a grammar this tokenizer can follow. Thread-safe (the server calls it off the engine
+        thread)."""
+        vocab = self.model_config.vocab_size
+        bad = [t for t in (params.logit_bias or {}) if t >= vocab]
+        if bad:
+            raise SamplingParamsError(
+                f"logit_bias token id {bad[0]} is outside the vocabulary (0..{vocab - 1})"
+            )
+        if params.structured_output is not None:
+            self.grammars().check(params.structured_output)
+
+    def grammars(self) -> GrammarCompiler:
+        if self._grammars is None:
+            raise StructuredOutputError("structured output needs a checkpoint with a tokenizer")
+        return self._grammars
+
     def abort(self, request_id: str) -> None:
+        self.abort_signal.clear(request_id)
+        self._forks.drop(request_id)
         seq = self._seqs.pop(request_id, None)
         if seq is not None and not seq.is_finished:
             self.scheduler.finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self._inflight is not None
+        return self.scheduler.has_unfinished() or self._inflight is not None or bool(self._forks)
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Prompt tokens looked up and found in the prefix cache since start, blocks cached."""
+        return self.scheduler.blocks.stats()
 
     # --- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -185,18 +274,43 @@ class LLMEngine:
         trail the device by one step, and a sequence that stops at step t has also been given a
         step t+1, whose token is dropped.
         """
+        if self._forks:  # the last launch (whatever computed a leader's prompt) is queued
+            self._forks.start_ready(self.scheduler, self.runner.kv_caches)
         batch = self.scheduler.schedule()
+        self.failed_batch = None
+        if self.after_schedule is not None:
+            self.after_schedule()
         if not self.async_scheduling:
-            return self._complete(self._launch(batch)) if batch is not None else []
-        done, self._inflight = self._inflight, None
+            launched = self._launch_guarded(batch, None) if batch is not None else None
+            return self._complete(launched) if launched is not None else []
+        done = self._inflight
+        if batch is not None:
+            # Until the launch succeeds: a failed or aborted launch changed no sequence, so
+            # step t stands and the next step reads it back.
+            launched = self._launch_guarded(batch, done)
+            if launched is None:
+                return []
+            self._inflight = launched
+        else:
+            self._inflight = None
         try:
-            if batch is not None:
-                self._inflight = self._launch(batch, prev=done)
             return self._complete(done) if done is not None else []
         except BaseException:
             self._drop(self._inflight)
             self._drop(done)
             self._inflight = None
+            self.scheduler.blocks.forget_cached()  # blocks committed for those steps
+            raise
+
+    def _launch_guarded(self, batch: ScheduledBatch, prev: InFlight | None) -> InFlight | None:
+        """The launched step, or None if an abort unwound it (StepAborted, see abort.py). A
+        launch that raises leaves its batch in failed_batch: its requests are the suspects."""
+        try:
+            return self._launch(batch, prev=prev)
+        except StepAborted:
+            return None
+        except BaseException:
+            self.failed_batch = batch
             raise
 
     def _launch(self, batch: ScheduledBatch, prev: InFlight | None = None) -> InFlight:
@@ -304,4 +418,5 @@ class LLMEngine:
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
             num_computed_prompt_tokens=min(seq.num_computed_tokens, seq.num_prompt_tokens),
+            num_cached_tokens=seq.num_cached_tokens or 0,
         )

@@ -3,27 +3,33 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from longctx.config import EngineConfig, ModelConfig, resolve_kv_cache_dtype
+from longctx.engine.abort import AbortSignal
 from longctx.engine.cuda_graphs import DecodeGraphs
 from longctx.engine.kv_cache import (
     allocate_kv_caches,
     blocks_for,
     kv_bytes_per_token,
     kv_cache_bytes,
+    set_key_zero_points,
 )
 from longctx.engine.scheduler import ScheduledBatch
+from longctx.engine.sequence import Sequence
 from longctx.engine.timeline import GpuTimeline
 from longctx.errors import OutOfKVMemoryError
 from longctx.layers.attention import BatchLayout, ForwardContext, KVCache
 from longctx.layers.attention.backend import to_device
+from longctx.layers.attention.kv_quant import key_zero_points
 from longctx.layers.attention.registry import make_backend
+from longctx.layers.logits_processors import SequenceLogitsState
 from longctx.layers.sampler import DeviceSample, SampleRequest, sample, top_logprobs
 from longctx.models.qwen2 import Qwen2ForCausalLM, init_random_weights
+from longctx.structured_output import TokenMasks
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +93,13 @@ class ModelRunner:
         self.kv_caches: tuple[KVCache, ...] = allocate_kv_caches(
             model_config, self.num_blocks + 1, self.block_size, self.kv_dtype, device
         )
+        if self.kv_caches[0].k_zero is not None:
+            zeros = model_key_zero_points(self.model.model.layers, model_config)
+            set_key_zero_points(self.kv_caches, zeros)
         self.graphs = self._decode_graphs(engine_config, max_model_len)
         self.timeline: GpuTimeline | None = None  # set to measure device idle time between steps
+        self.abort_signal: AbortSignal | None = None  # set by the engine: see _abort_check
+        self.masks = TokenMasks(model_config.vocab_size, device)
 
     def _decode_graphs(self, cfg: EngineConfig, max_model_len: int) -> DecodeGraphs | None:
         if cfg.enforce_eager or self.device.type != "cuda" or not self.backend.supports_cuda_graphs:
@@ -112,19 +123,8 @@ class ModelRunner:
 
     def _kv_capacity(self, cfg: EngineConfig, max_batched: int) -> int:
         per_block = kv_bytes_per_token(self.config, self.kv_dtype) * self.block_size
-        if cfg.kv_cache_gib is not None:
-            budget = cfg.kv_cache_gib * 2**30
-        elif self.device.type == "cuda":
-            budget = self._profile_cuda_budget(cfg, max_batched)
-        else:
-            budget = CPU_DEFAULT_KV_GIB * 2**30
-        num_blocks = int(budget // per_block)
-        if num_blocks < 1:
-            raise OutOfKVMemoryError(
-                f"KV cache budget of {budget / 2**20:.1f} MiB holds no block of {self.block_size} "
-                f"tokens ({per_block / 2**20:.2f} MiB each); raise kv_cache_gib"
-            )
-        return num_blocks
+        profile = lambda: self._profile_cuda_budget(cfg, max_batched)
+        return kv_blocks_in_budget(per_block, self.block_size, cfg, self.device, profile)
 
     def _profile_cuda_budget(self, cfg: EngineConfig, max_batched: int) -> float:
         """Free memory after weights and one full-size forward pass (peak activations)."""
@@ -158,7 +158,7 @@ class ModelRunner:
         """
         if self.timeline is not None:
             self.timeline.begin()
-        ids, layout = self._inputs(batch, prev)
+        ids, layout = step_inputs(batch, prev, self.block_size, self.device)
         sampling = tuple(i for i in range(len(batch.seqs)) if batch.samples(i))
         wants_prompt_lps = any(s.params.prompt_logprobs is not None for s in batch.seqs)
         if self.graphs is not None and self.graphs.fits(layout) and not wants_prompt_lps:
@@ -168,16 +168,25 @@ class ModelRunner:
             prompt_lps: tuple = (None,) * len(batch.seqs)
         else:
             meta = self.backend.prepare(layout, self.device)
-            hidden = self.model(ids, ForwardContext(self.backend, meta, self.kv_caches))
+            ctx = ForwardContext(self.backend, meta, self.kv_caches, self._abort_check(batch))
+            hidden = self.model(ids, ctx)
             rows = [meta.query_starts[i + 1] - 1 for i in sampling]
             logits = self.model.compute_logits(hidden[rows]) if sampling else None
             prompt_lps = tuple(
-                self._prompt_logprobs(batch, i, hidden, meta.query_starts[i])
+                prompt_logprobs(
+                    self.model,
+                    batch,
+                    i,
+                    hidden,
+                    meta.query_starts[i],
+                    batch.seqs[i].num_computed_tokens,
+                )
                 for i in range(len(batch.seqs))
             )
         sampled = None
         if sampling:
-            reqs = [SampleRequest(batch.seqs[i].params, batch.seqs[i].generator) for i in sampling]
+            reqs = [self._sample_request(batch.seqs[i]) for i in sampling]
+            self._mask_grammars(logits, [batch.seqs[i] for i in sampling], prev)
             sampled = sample(logits, reqs)
         if self.timeline is not None:
             self.timeline.end()
@@ -189,54 +198,154 @@ class ModelRunner:
             prompt_logprobs=prompt_lps,
         )
 
-    def _inputs(
-        self, batch: ScheduledBatch, prev: LaunchedStep | None
-    ) -> tuple[torch.Tensor, BatchLayout]:
-        ids: list[int] = []
-        fill_at: list[int] = []  # flat positions whose token is still on the device
-        fill_from: list[int] = []  # its row in prev.device_tokens
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            start = seq.num_computed_tokens
-            known = seq.token_ids[start : start + n]
-            ids.extend(known)
-            if len(known) < n:
-                if n - len(known) != 1 or prev is None or prev.device_tokens is None:
-                    raise RuntimeError(f"request {seq.request_id}: token not sampled yet")
-                fill_at.append(len(ids))
-                fill_from.append(seq.pending_row)
-                ids.append(0)
-        layout = BatchLayout(
-            query_lens=batch.num_new_tokens,
-            context_lens=tuple(
-                s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens)
-            ),
-            block_tables=tuple(tuple(s.block_table) for s in batch.seqs),
-            block_size=self.block_size,
-        )
-        tokens = to_device(torch.tensor(ids, dtype=torch.int64), self.device)
-        if fill_at:
-            at = to_device(torch.tensor(fill_at, dtype=torch.int64), self.device)
-            src = to_device(torch.tensor(fill_from, dtype=torch.int64), self.device)
-            tokens[at] = prev.device_tokens[src]
-        return tokens, layout
-
-    def _prompt_logprobs(
-        self, batch: ScheduledBatch, i: int, hidden: torch.Tensor, start: int
-    ) -> list[dict[int, float]] | None:
-        """Logprobs of the prompt tokens this chunk predicts (row p predicts token p + 1)."""
-        seq, n = batch.seqs[i], batch.num_new_tokens[i]
-        want = seq.params.prompt_logprobs
-        if want is None:
+    def _abort_check(self, batch: ScheduledBatch) -> Callable[[], None] | None:
+        """For a step that prefills (the long kind), a look at the abort signal before each
+        layer; decode steps are short and need none."""
+        signal = self.abort_signal
+        if signal is None or batch.num_tokens == len(batch.seqs):
             return None
-        first = seq.num_computed_tokens
-        last = min(first + n, seq.num_prompt_tokens - 1)  # positions whose successor is prompt
-        out: list[dict[int, float]] = []
-        for a in range(first, last, PROMPT_LOGPROB_ROWS):
-            b = min(a + PROMPT_LOGPROB_ROWS, last)
-            logits = self.model.compute_logits(hidden[start + a - first : start + b - first])
-            targets = torch.tensor(seq.token_ids[a + 1 : b + 1], device=logits.device)
-            out.extend(top_logprobs(torch.log_softmax(logits, -1), want, targets))
-        return out
+        request_ids = [s.request_id for s in batch.seqs]
+        return lambda: signal.check(request_ids)
+
+    def _mask_grammars(
+        self, logits: torch.Tensor, seqs: list[Sequence], prev: LaunchedStep | None
+    ) -> None:
+        """Constrain the rows of sequences with a grammar. Runs after the forward pass is
+        queued: waiting here for prev's tokens lets the host fill the mask meanwhile."""
+        if all(s.grammar is None for s in seqs):
+            return
+        prev_tokens = prev.host.result().token_ids if prev is not None and prev.host else None
+        # A pending newest token is still in prev's device tensor.
+        newest = [prev_tokens[s.pending_row] if s.num_pending else None for s in seqs]
+        mask_grammars(self.masks, logits, seqs, newest)
+
+    def _sample_request(self, seq: Sequence) -> SampleRequest:
+        return sample_request(seq, self.config.vocab_size, self.device)
+
+
+def mask_grammars(
+    masks: TokenMasks, logits: torch.Tensor, seqs: list[Sequence], newest: list[int | None]
+) -> None:
+    """Constrain the logits rows of sequences with a grammar, each advanced over its output
+    tokens and newest[r] (one not in its token_ids yet; None: none)."""
+    rows = [r for r, s in enumerate(seqs) if s.grammar is not None]
+    for r in rows:
+        seq, token = seqs[r], newest[r]
+        seq.grammar.advance(
+            seq.output_token_ids if token is None else [*seq.output_token_ids, token]
+        )
+    if rows:
+        masks.apply(logits, rows, masks.fill([seqs[r].grammar for r in rows]))
+
+
+def sample_request(seq: Sequence, vocab_size: int, device: torch.device) -> SampleRequest:
+    """seq's sampling settings, with its penalty / logit-bias state built on first use."""
+    if seq.logits_state is None and SequenceLogitsState.needed(seq.params):
+        seq.logits_state = SequenceLogitsState.build(
+            seq.params, seq.prompt_token_ids, seq.output_token_ids, vocab_size, device
+        )
+    return SampleRequest(seq.params, seq.generator, seq.logits_state)
+
+
+def model_key_zero_points(layers: Iterable[torch.nn.Module], config: ModelConfig) -> torch.Tensor:
+    """An fp8 cache's key zero points [len(layers), Hkv, D] from each decoder layer's k bias
+    (kv_quant.key_zero_points), over the positions keys are cached at: [0, chunk_len) with DCA,
+    else the model's max_position_embeddings. Model properties only (never an engine setting
+    such as max_model_len), so fp8 KV saved by one engine reads back right in another with
+    the same model and DCA (what the cache identity checks)."""
+    biases = []
+    for layer in layers:
+        attn = layer.self_attn
+        b = attn.qkv_proj.bias
+        if b is None:
+            b = torch.zeros(attn.q_size + 2 * attn.kv_size, device=attn.qkv_proj.weight.device)
+        k_bias = b.detach()[attn.q_size : attn.q_size + attn.kv_size]
+        biases.append(k_bias.float().view(config.num_kv_heads, config.head_dim))
+    positions = config.dca.chunk_len if config.dca is not None else config.max_position_embeddings
+    return key_zero_points(torch.stack(biases), config.rope_theta, positions)
+
+
+def kv_blocks_in_budget(
+    per_block: int,
+    block_size: int,
+    cfg: EngineConfig,
+    device: torch.device,
+    profile_cuda: Callable[[], float],
+    where: str = "",
+) -> int:
+    """KV blocks of per_block bytes in the budget: kv_cache_gib, else on CUDA the free memory
+    profile_cuda() finds, else the CPU default. where: a prefix for the error message."""
+    if cfg.kv_cache_gib is not None:
+        budget = cfg.kv_cache_gib * 2**30
+    elif device.type == "cuda":
+        budget = profile_cuda()
+    else:
+        budget = CPU_DEFAULT_KV_GIB * 2**30
+    num_blocks = int(budget // per_block)
+    if num_blocks < 1:
+        raise OutOfKVMemoryError(
+            f"{where}KV cache budget of {budget / 2**20:.1f} MiB holds no block of {block_size} "
+            f"tokens ({per_block / 2**20:.2f} MiB each); raise kv_cache_gib"
+        )
+    return num_blocks
+
+
+def step_inputs(
+    batch: ScheduledBatch, prev: LaunchedStep | None, block_size: int, device: torch.device
+) -> tuple[torch.Tensor, BatchLayout]:
+    """A step's token ids (on the device) and layout; a token still on the device in prev
+    is copied from there."""
+    ids: list[int] = []
+    fill_at: list[int] = []  # flat positions whose token is still on the device
+    fill_from: list[int] = []  # its row in prev.device_tokens
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        start = seq.num_computed_tokens
+        known = seq.token_ids[start : start + n]
+        ids.extend(known)
+        if len(known) < n:
+            if n - len(known) != 1 or prev is None or prev.device_tokens is None:
+                raise RuntimeError(f"request {seq.request_id}: token not sampled yet")
+            fill_at.append(len(ids))
+            fill_from.append(seq.pending_row)
+            ids.append(0)
+    layout = BatchLayout(
+        query_lens=batch.num_new_tokens,
+        context_lens=tuple(
+            s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens)
+        ),
+        block_tables=tuple(tuple(s.block_table) for s in batch.seqs),
+        block_size=block_size,
+    )
+    tokens = to_device(torch.tensor(ids, dtype=torch.int64), device)
+    if fill_at:
+        at = to_device(torch.tensor(fill_at, dtype=torch.int64), device)
+        src = to_device(torch.tensor(fill_from, dtype=torch.int64), device)
+        tokens[at] = prev.device_tokens[src]
+    return tokens, layout
+
+
+def prompt_logprobs(
+    model: Qwen2ForCausalLM,
+    batch: ScheduledBatch,
+    i: int,
+    hidden: torch.Tensor,
+    start: int,
+    first: int,
+) -> list[dict[int, float]] | None:
+    """Logprobs of the prompt tokens sequence i's chunk predicts (row p predicts token p + 1):
+    its rows start at hidden[start], its first token is at position first."""
+    seq, n = batch.seqs[i], batch.num_new_tokens[i]
+    want = seq.params.prompt_logprobs
+    if want is None:
+        return None
+    last = min(first + n, seq.num_prompt_tokens - 1)  # positions whose successor is prompt
+    out: list[dict[int, float]] = []
+    for a in range(first, last, PROMPT_LOGPROB_ROWS):
+        b = min(a + PROMPT_LOGPROB_ROWS, last)
+        logits = model.compute_logits(hidden[start + a - first : start + b - first])
+        targets = torch.tensor(seq.token_ids[a + 1 : b + 1], device=logits.device)
+        out.extend(top_logprobs(torch.log_softmax(logits, -1), want, targets))
+    return out
 
 
 def build_model(

@@ -19,3 +19,4 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     num_computed_prompt_tokens: int
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache

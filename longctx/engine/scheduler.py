@@ -5,6 +5,9 @@ unfinished prefill), then waiting sequences while the token budget, the sequence
 KV blocks allow. A prompt longer than the budget is prefilled over several steps, each chunk
 attending to the cache its earlier chunks wrote. When blocks run out, the most recently admitted
 running sequence is preempted: its blocks are freed and it is recomputed later.
+
+With prefix caching a waiting sequence is admitted after its cached prefix (those tokens cost
+no budget), and one whose next block a running sequence is computing waits for it to share.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0  # since start, for metrics
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -47,25 +51,44 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_room(self) -> bool:
+        return len(self.running) < self.max_num_seqs
+
+    def add_running(self, seq: Sequence) -> None:
+        """Run a sequence whose blocks are already in place (a fork of another's prompt)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def schedule(self) -> ScheduledBatch | None:
         budget = self.max_num_batched_tokens
+        for seq in self.running:  # the previous step, which computed their blocks, is queued
+            self.blocks.commit(seq)
         chosen: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
             if budget == 0 or seq not in self.running:
                 continue
             if seq.num_pending and seq.will_stop_on_length:
                 continue  # its last token is in flight: nothing more to compute
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if self._reserve(seq, n):
+            n = self._chunk(seq, seq.num_computed_tokens, budget)
+            if n > 0 and self._reserve(seq, n):
                 chosen.append((seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
+        in_progress = self.blocks.in_progress(self.running) if self.waiting else set()
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[i]
+            hit = self.blocks.prefix_hit(seq)
+            if self.blocks.waits_for(seq, hit, in_progress):
+                i += 1  # admitted once a running sequence has computed its next blocks
+                continue
+            start = len(hit) * self.blocks.block_size
+            n = self._chunk(seq, start, budget)
+            if n <= 0 or not self.blocks.can_admit(hit, start + n):
                 break
-            self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
-            self.waiting.popleft()
+            self.blocks.admit(seq, hit)
+            self.blocks.grow(seq.block_table, start + n)
+            in_progress |= self.blocks.in_progress((seq,))
+            del self.waiting[i]
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             chosen.append((seq, n))
@@ -74,6 +97,11 @@ class Scheduler:
             return None
         seqs, counts = zip(*chosen)
         return ScheduledBatch(seqs=seqs, num_new_tokens=counts)
+
+    def _chunk(self, seq: Sequence, start: int, budget: int) -> int:
+        """Tokens of seq to compute this step from token `start` on (its cached prefix ends
+        there); 0: none. A subclass may shape or hold them."""
+        return min(seq.num_tokens - start, budget)
 
     def _reserve(self, seq: Sequence, n: int) -> bool:
         """Grow seq's table for n more tokens, preempting later-admitted sequences if needed."""
@@ -87,8 +115,9 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         self.running.remove(seq)
-        self.blocks.release(seq.block_table)
+        self.blocks.release_seq(seq, keep=True)  # its recomputation may hit its own blocks
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -99,6 +128,6 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.release(seq.block_table)
+        self.blocks.release_seq(seq, keep=reason != "abort")
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

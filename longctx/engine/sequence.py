@@ -5,7 +5,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from longctx.layers.logits_processors import SequenceLogitsState
 from longctx.sampling_params import SamplingParams
+from longctx.structured_output import GrammarMatcher
 from longctx.tokenizer import IncrementalDetokenizer
 
 
@@ -43,6 +45,14 @@ class Sequence:
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
     num_pending: int = 0
     pending_row: int = -1
+    logits_state: SequenceLogitsState | None = None  # the sampler's, built at the first sample
+    grammar: GrammarMatcher | None = None  # with params.structured_output
+    # Prefix caching (longctx/engine/kv_cache.py BlockManager): the hash chain of the full
+    # blocks of token_ids, how many of block_table's blocks are named by it, and the tokens
+    # found cached at first admission (None until admitted).
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_committed_blocks: int = 0
+    num_cached_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -95,9 +95,12 @@ def run(args: argparse.Namespace) -> int:
     if args.step <= 1.0 or not 0.0 < args.recall <= 1.0:
         raise ConfigError("--step must be > 1 and --recall in (0, 1]")
     kwargs = llm_kwargs(args)
+    if kwargs["pipeline_parallel_size"] > 1:
+        raise ConfigError("calibrate runs on one device: drop --pipeline-parallel-size")
     start = kwargs.pop("sparse")
     if start is False:
         raise ConfigError("--no-sparse makes no sense for calibrate")
+    kwargs["enable_prefix_caching"] = False  # the recorder must see every row of every prompt
     llm = LLM(**kwargs, sparse=False)
     model = llm.engine.model_config
     start = (start or SparseConfig()).materialize(model.num_layers, model.num_heads)

@@ -7,7 +7,14 @@ import argparse
 import logging
 import sys
 
-from longctx.entrypoints import calibrate_cmd, eval_cmd, fetch_cmd, generate_cmd, serve_cmd
+from longctx.entrypoints import (
+    calibrate_cmd,
+    eval_cmd,
+    fetch_cmd,
+    generate_cmd,
+    prefill_cmd,
+    serve_cmd,
+)
 from longctx.errors import LongctxError
 
 EXIT_USER_ERROR = 2
@@ -27,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _subcommands() -> list:
-    return [generate_cmd, serve_cmd, eval_cmd, calibrate_cmd, fetch_cmd]
+    return [generate_cmd, serve_cmd, eval_cmd, calibrate_cmd, fetch_cmd, prefill_cmd]
 
 
 def main(argv: list[str] | None = None) -> int:

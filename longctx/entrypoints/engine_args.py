@@ -7,7 +7,7 @@ from typing import Any
 
 from longctx.config import DCAConfig
 from longctx.errors import ConfigError
-from longctx.sparse.config import DCA_BUDGETS, SparseConfig, resolve_sparse_config
+from longctx.sparse.config import DCA_BUDGETS, SLASH_UNITS, SparseConfig, resolve_sparse_config
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -84,9 +84,39 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "divides the DCA chunk length)",
     )
     g.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="do not share computed KV blocks between requests whose prompts start alike "
+        "(prefix caching is on by default)",
+    )
+    g.add_argument(
         "--attention-backend",
         default="auto",
         help="attention implementation: auto, torch, dca, triton, sparse, ... (default: auto)",
+    )
+    pp = p.add_argument_group(
+        "pipeline parallelism (one host: the engine starts its stage processes; several hosts: "
+        "start every rank with torchrun, see README)"
+    )
+    pp.add_argument(
+        "--pipeline-parallel-size",
+        type=int,
+        default=1,
+        help="stages, one device (or CPU process) each; layers are split by cost",
+    )
+    pp.add_argument(
+        "--pipeline-chunking",
+        choices=["dcpp", "fixed"],
+        default="dcpp",
+        help="prefill chunk lengths under pipeline parallelism: dcpp (equal modelled cost, "
+        "default) or fixed (--max-num-batched-tokens each)",
+    )
+    pp.add_argument(
+        "--pipeline-timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="fail the engine when a stage answers no micro-batch for this long",
     )
     d = p.add_argument_group(
         "Dual Chunk Attention (length extrapolation; on by default for models whose config has "
@@ -142,6 +172,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="with DCA, spend each head's budget once over all key parts (shared, default) or "
         "in each part (per_part: up to 3x the keys)",
     )
+    s.add_argument(
+        "--sparse-slash-unit",
+        choices=SLASH_UNITS,
+        default=None,
+        help="what a slash budget counts: keys per row in whole kernel tiles (tile, default) "
+        "or MInference's diagonals, however spread (diagonal)",
+    )
 
 
 def sparse_from_args(args: argparse.Namespace) -> SparseConfig | bool | None:
@@ -156,6 +193,7 @@ def sparse_from_args(args: argparse.Namespace) -> SparseConfig | bool | None:
         threshold=args.sparse_threshold,
         last_q=args.sparse_last_q,
         dca_budget=args.sparse_dca_budget,
+        slash_unit=args.sparse_slash_unit,
     )
 
 
@@ -194,4 +232,8 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         gpu_memory_utilization=args.gpu_memory_utilization,
         block_size=args.block_size,
         attention_backend=args.attention_backend,
+        enable_prefix_caching=not args.no_prefix_caching,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        pipeline_chunking=args.pipeline_chunking,
+        pipeline_timeout_s=args.pipeline_timeout,
     )

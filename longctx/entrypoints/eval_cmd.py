@@ -240,6 +240,9 @@ def build_llm(args: argparse.Namespace):
             "plain RoPE extrapolation",
             file=sys.stderr,
         )
+    # Each case on its own: the depths of one length share the haystack before the needle, and
+    # a cached prefix would shorten the TTFT measured (and, sparse, reuse another case's picks).
+    kwargs["enable_prefix_caching"] = False
     return LLM(checkpoint=ckpt, **kwargs)
 
 

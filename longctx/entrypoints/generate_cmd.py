@@ -8,6 +8,7 @@ from pathlib import Path
 
 from longctx.engine.outputs import RequestOutput
 from longctx.entrypoints.engine_args import add_engine_args, llm_kwargs
+from longctx.entrypoints.saved_kv_args import add_load_kv_arg, load_saved_kv
 from longctx.errors import LongctxError
 from longctx.sampling_params import SamplingParams
 
@@ -37,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     s.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
     p.add_argument("--no-progress", action="store_true", help="hide the prefill progress bar")
+    add_load_kv_arg(p)
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -69,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
     )
     llm = LLM(**llm_kwargs(args))
+    load_saved_kv(llm, args.load_kv, progress=not args.no_progress)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": prompt})

@@ -10,8 +10,9 @@ from collections.abc import Callable, Sequence
 from tqdm import tqdm
 
 from longctx.config import DCAConfig, EngineConfig
-from longctx.engine.llm_engine import LLMEngine
+from longctx.distributed.engine import make_engine
 from longctx.engine.outputs import RequestOutput
+from longctx.engine.saved_kv import DEFAULT_SHARD_BYTES, SavedKV, load_kv, save_kv
 from longctx.errors import ConfigError
 from longctx.loading import random_checkpoint
 from longctx.loading.checkpoint import Checkpoint, load_checkpoint
@@ -32,8 +33,10 @@ class LLM:
     sparse: sparse prefill (MInference vertical-slash): a SparseConfig, a pattern file path,
     "default" (default budgets), False (off) or None (on if the model directory has a
     sparse_attention_config.json or the config.json sparse_attention_* keys).
+    load_kv: saved KV directories (`LLM.save_kv`, `longctx prefill --save-kv`) to put into the
+    prefix cache at start.
     Other keyword arguments are EngineConfig fields (max_model_len, max_num_batched_tokens,
-    kv_cache_gib, block_size, device, ...).
+    kv_cache_gib, block_size, device, enable_prefix_caching, ...).
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class LLM:
         dca: DCAConfig | None = None,
         sparse: SparseConfig | str | os.PathLike | bool | None = None,
         random_weights: bool = False,
+        load_kv: str | os.PathLike | Sequence[str | os.PathLike] = (),
         **engine_kwargs,
     ) -> None:
         if checkpoint is not None:
@@ -58,9 +62,11 @@ class LLM:
         if dca is not None:
             ckpt = dataclasses.replace(ckpt, config=ckpt.config.with_dca(dca))
         sparse_config = resolve_sparse_config(sparse, model if checkpoint is None else None)
-        self.engine = LLMEngine(
+        self.engine = make_engine(
             ckpt, EngineConfig(dtype=dtype, sparse=sparse_config, **engine_kwargs)
         )
+        for directory in [load_kv] if isinstance(load_kv, str | os.PathLike) else load_kv:
+            self.load_kv(directory)
 
     @property
     def tokenizer(self):
@@ -74,7 +80,8 @@ class LLM:
         use_tqdm: bool = False,
         on_output: Callable[[RequestOutput], None] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in prompt order.
+        """Run every prompt to completion; outputs come back in prompt order (with n > 1, the
+        n outputs of a prompt one after another).
 
         Each prompt is a string or a list of token ids. All prompts are validated before any
         work starts, so one bad prompt leaves nothing queued. on_output sees every step's
@@ -85,10 +92,10 @@ class LLM:
         token_ids = [self.engine.encode(p) for p in prompts]
         for toks, sp in zip(token_ids, plist):
             self.engine.check_fits(len(toks), sp)
-        ids = [
-            self.engine.add_request(p, sp, prompt_token_ids=toks)
-            for p, sp, toks in zip(prompts, plist, token_ids)
-        ]
+            self.engine.check_params(sp)
+        ids = []
+        for p, sp, toks in zip(prompts, plist, token_ids):
+            ids.extend(self._add(p, sp, toks))
         final: dict[str, RequestOutput] = {}
         bar = _PrefillProgress(sum(map(len, token_ids))) if use_tqdm else None
         try:
@@ -108,6 +115,36 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [final[r] for r in ids]
+
+    def save_kv(
+        self,
+        prompt: Prompt,
+        directory: str | os.PathLike,
+        *,
+        use_tqdm: bool = False,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+    ) -> SavedKV:
+        """Prefill prompt (a document; its cached blocks are reused) and write the KV of its
+        full blocks to directory, in shards of at most shard_bytes."""
+        ids = self.engine.encode(prompt)
+        self.generate([ids], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=use_tqdm)
+        return save_kv(self.engine, ids, directory, shard_bytes=shard_bytes, progress=use_tqdm)
+
+    def load_kv(self, directory: str | os.PathLike, *, use_tqdm: bool = False) -> SavedKV:
+        """Put saved KV into the prefix cache: a prompt that starts with the saved document
+        then skips its prefill. Raises SavedKVError if it was made with another model or
+        settings, or a file is missing, truncated or corrupt."""
+        return load_kv(self.engine, directory, progress=use_tqdm)
+
+    def _add(self, prompt: Prompt, params: SamplingParams, token_ids: list[int]) -> list[str]:
+        """Queue params.n sequences of one prompt; all but the first reuse its prefill."""
+        first = self.engine.add_request(prompt, params.for_choice(0), prompt_token_ids=token_ids)
+        return [first] + [
+            self.engine.add_request(
+                prompt, params.for_choice(i), prompt_token_ids=token_ids, share_prompt_with=first
+            )
+            for i in range(1, params.n)
+        ]
 
     def chat(
         self,

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 from longctx.entrypoints.engine_args import add_engine_args, llm_kwargs
+from longctx.entrypoints.saved_kv_args import add_load_kv_arg, load_saved_kv
 from longctx.errors import ConfigError, LongctxError
 from longctx.server import DEFAULT_MAX_REQUEST_BYTES
 
 API_KEY_ENV = "LONGCTX_API_KEY"
+GRACEFUL_SHUTDOWN_S = 5  # after SIGTERM, how long open connections may take to finish
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +48,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="the model name clients send and /v1/models lists (default: the model file or "
         "directory name)",
     )
+    h.add_argument(
+        "--allowed-origins",
+        default="",
+        help="comma-separated origins (scheme://host[:port]) whose web pages may call the "
+        "server, besides loopback ones; * allows any (default: loopback origins only)",
+    )
+    h.add_argument(
+        "--chat-parse-special-tokens",
+        action="store_true",
+        help="parse special-token strings (<|im_start|>...) written in chat message content as "
+        "control tokens; by default content is plain text, so no user can forge a turn",
+    )
+    add_load_kv_arg(p)
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -52,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_request_bytes <= 0:
         raise ConfigError(f"--max-request-bytes must be positive, got {args.max_request_bytes}")
     uvicorn = _import_server_deps()
-    from longctx.server.app import is_loopback_host
+    from longctx.server.app import is_loopback_host, normalize_origins
+
+    args.allowed_origins = normalize_origins(args.allowed_origins.split(","))
 
     sock = bind(args.host, args.port)  # before the slow model load: a taken port fails at once
     if api_key is None and not is_loopback_host(args.host):
@@ -61,17 +81,37 @@ def run(args: argparse.Namespace) -> int:
             f"it can use the model (set --api-key or ${API_KEY_ENV})",
             file=sys.stderr,
         )
-    app, name = _build_app(args, api_key)
+    app, name, engine_loop = _build_app(args, api_key)
     host, port = sock.getsockname()[:2]
     print(f"longctx: serving {name!r} on {_url(host, port)}", file=sys.stderr, flush=True)
     config = uvicorn.Config(
         app,
         log_level="info" if args.verbose else "warning",
         access_log=args.verbose,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    # uvicorn re-raises the signal that stopped it once it has shut down, to the handler it
+    # found: this one, so that a server stopped by SIGTERM exits 0 rather than by the signal.
+    signal.signal(signal.SIGTERM, _stopped_by_sigterm)
+    _graceful_server(uvicorn, config, engine_loop.stop_soon).run(sockets=[sock])
     return 0
+
+
+def _stopped_by_sigterm(signum: int, frame: FrameType | None) -> None:
+    pass  # the server has shut down already
+
+
+def _graceful_server(uvicorn, config, on_exit: Callable[[], None]):
+    """A uvicorn server that, when told to exit, first ends the engine's requests: open
+    streams then close with an error event and `data: [DONE]` instead of hanging until the
+    graceful timeout cuts them."""
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            on_exit()
+            super().handle_exit(sig, frame)
+
+    return Server(config)
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
@@ -111,7 +151,9 @@ def _build_app(args: argparse.Namespace, api_key: str | None):
     from longctx.server.app import ServerConfig, create_app, is_loopback_host
     from longctx.server.engine_loop import EngineLoop
 
-    engine = LLM(**llm_kwargs(args)).engine
+    llm = LLM(**llm_kwargs(args))
+    load_saved_kv(llm, args.load_kv, progress=True)
+    engine = llm.engine
     source = engine.checkpoint.source
     name = args.served_model_name or _model_name(source)
     aliases = tuple(a for a in (args.model, source, str(Path(source).resolve())) if a)
@@ -121,8 +163,11 @@ def _build_app(args: argparse.Namespace, api_key: str | None):
         api_key=api_key,
         max_request_bytes=args.max_request_bytes,
         local_only=is_loopback_host(args.host),
+        allowed_origins=args.allowed_origins,
+        chat_parse_special_tokens=args.chat_parse_special_tokens,
     )
-    return create_app(EngineLoop(engine), config), name
+    loop = EngineLoop(engine)
+    return create_app(loop, config), name, loop
 
 
 def _model_name(source: str) -> str:

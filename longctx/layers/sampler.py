@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from longctx.layers.logits_processors import SequenceLogitsState, process_logits
 from longctx.sampling_params import SamplingParams
 
 
@@ -13,6 +14,7 @@ from longctx.sampling_params import SamplingParams
 class SampleRequest:
     params: SamplingParams
     generator: torch.Generator | None
+    state: SequenceLogitsState | None = None  # needed for logit_bias and penalties
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,10 @@ def top_logprobs(logprobs: torch.Tensor, n: int, chosen: torch.Tensor) -> list[d
 
 
 def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    logits = logits / params.temperature
+    # Shifted to a maximum of 0 first, and the temperature kept representable: a tiny one then
+    # sends the others to -inf instead of the maximum to +inf (softmax of inf is NaN).
+    temperature = max(params.temperature, torch.finfo(logits.dtype).tiny)
+    logits = (logits - logits.max()) / temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -44,6 +49,7 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         sorted_p, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        drop[0] = False  # also when top_p underflows float32 to 0 (5e-324 does)
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p / sorted_p.sum())
     return probs
@@ -52,14 +58,18 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> DeviceSample:
     """logits [R, V] float32 -> one token per row, left on the logits' device.
 
+    logit_bias and penalties shape the choice; logprobs are those of the logits as given.
     Nothing here waits for the device, so the engine can schedule the next step while this one
     runs; `DeviceSample.to_host()` starts the copy back and `result()` waits for it.
     """
-    chosen = logits.argmax(dim=-1)
+    processed = process_logits(logits, [q.params for q in requests], [q.state for q in requests])
+    chosen = processed.argmax(dim=-1)
     for r, req in enumerate(requests):
         if not req.params.greedy:
-            probs = _filtered_probs(logits[r], req.params)
+            probs = _filtered_probs(processed[r], req.params)
             chosen[r] = torch.multinomial(probs, 1, generator=req.generator)[0]
+        if req.state is not None:
+            req.state.record(chosen[r : r + 1])
     want = tuple(req.params.logprobs for req in requests)
     rows = [r for r, n in enumerate(want) if n is not None]
     top = None

@@ -48,6 +48,8 @@ class Qwen2Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
+            if ctx.before_layer is not None:
+                ctx.before_layer()
             x = layer(x, ctx)
         return self.norm(x)
 

@@ -11,23 +11,26 @@ thread: the event loop only moves bytes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import ipaddress
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from longctx import __version__
+from longctx.chat_prompt import ChatEncoder
 from longctx.engine.outputs import RequestOutput
 from longctx.errors import ConfigError, LongctxError, OutOfKVMemoryError, PromptTooLongError
 from longctx.sampling_params import SamplingParams
@@ -39,8 +42,11 @@ from longctx.server.engine_loop import (
     EngineStopped,
     OutputStream,
 )
+from longctx.server.json_body import decode_json_body
 from longctx.server.metrics import CONTENT_TYPE
+from longctx.server.openapi import ServedLimits, openapi_document
 from longctx.server.protocol import (
+    DEFAULT_MAX_TOKENS,
     ApiError,
     ChatCompletionRequest,
     ChatFormatter,
@@ -50,11 +56,11 @@ from longctx.server.protocol import (
     TokenNames,
     parse_request,
 )
+from longctx.server.tool_parser import ToolCallOutput, forced_tool_grammar, template_knows_tools
+from longctx.structured_output import StructuredOutput, StructuredOutputError
 from longctx.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
 @dataclass(frozen=True)
@@ -68,12 +74,27 @@ class ServerConfig:
     api_key: str | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     local_only: bool = False  # see _Server.check_local
+    # Web pages of these origins may call the server (besides loopback ones); "*": any.
+    allowed_origins: tuple[str, ...] = ()
+    # Parse special-token strings written in chat message content as control tokens (off:
+    # content is text, see longctx/chat_prompt.py).
+    chat_parse_special_tokens: bool = False
 
     def __post_init__(self) -> None:
         if self.max_request_bytes <= 0:
             raise ConfigError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
         if self.api_key is not None and not self.api_key:
             raise ConfigError("the API key must not be empty")
+        object.__setattr__(self, "allowed_origins", normalize_origins(self.allowed_origins))
+
+
+def normalize_origins(origins: Iterable[str]) -> tuple[str, ...]:
+    """Origins as browsers send them (lower case, no trailing slash); "*" stays."""
+    normal = tuple(o.strip().rstrip("/").lower() for o in origins if o.strip())
+    for o in normal:
+        if o != "*" and not (urlsplit(o).scheme and urlsplit(o).hostname):
+            raise ConfigError(f"allowed origin {o!r} is not scheme://host[:port] or *")
+    return normal
 
 
 def create_app(engine_loop: EngineLoop, config: ServerConfig) -> FastAPI:
@@ -92,12 +113,23 @@ def create_app(engine_loop: EngineLoop, config: ServerConfig) -> FastAPI:
         title="longctx",
         version=__version__,
         lifespan=lifespan,
-        openapi_url=None,  # no schema or docs pages: nothing to serve without the API key
+        # FastAPI's own schema and docs pages are off: /openapi.json (behind the API key) is
+        # built from the request models (see openapi.py).
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
         dependencies=[Depends(server.check_local)],
     )
     _add_error_handlers(app)
+    _add_cors(app, config.allowed_origins)
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.metrics, methods=["GET"])
+    app.add_api_route(
+        "/openapi.json",
+        server.openapi,
+        methods=["GET"],
+        dependencies=[Depends(server.check_api_key)],
+    )
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(server.check_api_key)])
     v1.add_api_route("/models", server.models, methods=["GET"])
     v1.add_api_route("/completions", server.completions, methods=["POST"])
@@ -142,12 +174,35 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
 
 
+LOOPBACK_ORIGIN = r"https?://(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d+)?"
+
+
+def _add_cors(app: FastAPI, allowed: tuple[str, ...]) -> None:
+    """CORS headers for the origins check_local lets through, so that their pages can read
+    the answers (and send the preflighted JSON POSTs)."""
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=["*"] if "*" in allowed else list(allowed),
+        allow_origin_regex=LOOPBACK_ORIGIN,
+        allow_methods=["*"],
+        allow_headers=["*"],
+    )
+
+
+def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
+    """A loopback origin (any scheme or port), or one of allowed ("*" allows any)."""
+    if "*" in allowed or origin.rstrip("/").lower() in allowed:
+        return True
+    return is_loopback_host(urlsplit(origin).hostname)
+
+
 def _http_code(status: int) -> str:
     return {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
 
 
 async def read_json(request: Request, limit: int) -> object:
-    """The decoded JSON body; over `limit` bytes is a 413, whether declared or sent chunked."""
+    """The decoded JSON body (see json_body); over `limit` bytes is a 413, whether declared or
+    sent chunked."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
@@ -156,12 +211,7 @@ async def read_json(request: Request, limit: int) -> object:
         body += chunk
         if len(body) > limit:
             raise _too_large(limit)
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(
-            400, f"the request body is not valid JSON: {e}", code="invalid_json"
-        ) from None
+    return decode_json_body(bytes(body))
 
 
 def _too_large(limit: int) -> ApiError:
@@ -181,6 +231,7 @@ class _Server:
         self._key = config.api_key.encode() if config.api_key is not None else None
         self._token_names = TokenNames(self.engine.tokenizer)
         tokenizer = self.engine.tokenizer
+        self._chat = ChatEncoder(tokenizer) if tokenizer else None
         # No prompt of more characters than this can fit: see max_token_chars.
         self._max_prompt_chars = (
             self.engine.max_model_len * max_token_chars(tokenizer) if tokenizer else None
@@ -195,6 +246,14 @@ class _Server:
     async def metrics(self) -> Response:
         return Response(self.loop.metrics.render(self.loop.stats()), media_type=CONTENT_TYPE)
 
+    async def openapi(self) -> JSONResponse:
+        limits = ServedLimits(
+            tuple(sorted(self._names)),
+            self.engine.max_model_len,
+            self.engine.model_config.vocab_size,
+        )
+        return JSONResponse(openapi_document(limits, api_key=self._key is not None))
+
     async def models(self) -> JSONResponse:
         card = {
             "id": self.config.served_model_name,
@@ -207,20 +266,25 @@ class _Server:
         return JSONResponse({"object": "list", "data": [card]})
 
     async def check_local(self, request: Request) -> None:
-        """With local_only, a request must name a loopback host and come from no web page of
-        another origin. A web page can reach a server on 127.0.0.1 through DNS rebinding (its
-        own name resolving to 127.0.0.1: the Host header still carries that name) or by a
-        cross-site POST (browsers send an Origin header with those)."""
-        if not self.config.local_only:
-            return
+        """A request sent by a web page (browsers add an Origin header to cross-site POSTs)
+        must come from a loopback origin or an allowed one, as ollama's OLLAMA_ORIGINS does.
+        With local_only it must also name a loopback host: a page can reach a server on
+        127.0.0.1 through DNS rebinding (its own name resolving to 127.0.0.1), but the Host
+        header still carries that name."""
         origin = request.headers.get("origin")
-        host_ok = is_loopback_host(urlsplit("//" + request.headers.get("host", "")).hostname)
-        origin_ok = origin is None or is_loopback_host(urlsplit(origin).hostname)
-        if not (host_ok and origin_ok):
+        if origin is not None and not origin_allowed(origin, self.config.allowed_origins):
             raise ApiError(
                 403,
-                "this server only answers requests to a loopback address, and none from web "
-                "pages of other sites",
+                f"requests from web pages of {origin} are refused; allow that origin with "
+                "--allowed-origins",
+                type_="permission_error",
+                code="forbidden_origin",
+            )
+        host = urlsplit("//" + request.headers.get("host", "")).hostname
+        if self.config.local_only and not is_loopback_host(host):
+            raise ApiError(
+                403,
+                "this server only answers requests addressed to a loopback host name",
                 type_="permission_error",
                 code="forbidden_origin",
             )
@@ -243,9 +307,17 @@ class _Server:
         req = parse_request(CompletionRequest, await read_json(request, self._body_limit))
         self._check_model(req.model)
         prompts = [await self._prompt_ids(p) for p in req.prompts()]
-        params = [req.sampling_params(req.max_tokens, req.logprobs)] * len(prompts)
+        params = []
+        for _, ids in prompts:
+            p = req.sampling_params(
+                self._max_tokens(req.max_tokens, len(ids), "max_tokens", DEFAULT_MAX_TOKENS),
+                req.logprobs,
+            )
+            if req.echo and req.logprobs is not None:
+                p = dataclasses.replace(p, prompt_logprobs=req.logprobs)
+            params.append(p)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        engine_requests = self._engine_requests(rid, prompts, params, arrival)
+        engine_requests = await self._engine_requests(rid, prompts, params, arrival)
         formatter = CompletionFormatter(
             rid,
             req.model or self.config.served_model_name,
@@ -253,6 +325,7 @@ class _Server:
             self._token_names,
             req.logprobs,
             req.include_usage,
+            echo=req.echo,
         )
         return await self._respond(request, engine_requests, formatter, req.stream)
 
@@ -261,10 +334,19 @@ class _Server:
         req = parse_request(ChatCompletionRequest, await read_json(request, self._body_limit))
         self._check_model(req.model)
         prompt = await self._chat_prompt_ids(req)
-        max_tokens = self._max_tokens(req.max_output_tokens, len(prompt[1]))
+        max_tokens = self._max_tokens(req.max_output_tokens, len(prompt[1]), req.max_tokens_param)
         params = req.sampling_params(max_tokens, req.engine_logprobs)
+        forced = req.forced_tools()
+        if forced:
+            grammar = forced_tool_grammar(
+                forced, req.parallel_tool_calls, self.engine.grammars().token_literal
+            )
+            params = dataclasses.replace(params, structured_output=StructuredOutput(lark=grammar))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        engine_requests = self._engine_requests(rid, [prompt], [params], arrival)
+        engine_requests = await self._engine_requests(
+            rid, [prompt], [params], arrival, grammar_param="tools" if forced else "response_format"
+        )
+        names = req.tool_names()
         formatter = ChatFormatter(
             rid,
             req.model or self.config.served_model_name,
@@ -272,6 +354,7 @@ class _Server:
             self._token_names,
             req.top_logprobs,
             req.include_usage,
+            tools=ToolCallOutput(names, req.parallel_tool_calls) if names else None,
         )
         return await self._respond(request, engine_requests, formatter, req.stream)
 
@@ -295,12 +378,27 @@ class _Server:
             return None, list(prompt)
         self._check_chars(len(prompt), "prompt")
         tokenizer = self._tokenizer()
-        return prompt, await asyncio.to_thread(tokenizer.encode, prompt)
+        with self.loop.admitting():
+            return prompt, await asyncio.to_thread(tokenizer.encode, prompt)
 
     async def _chat_prompt_ids(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
         self._check_chars(req.content_chars(), "messages")
-        tokenizer = self._tokenizer()
-        return await asyncio.to_thread(_render_chat, tokenizer, req.template_messages())
+        tokenizer = self._tokenizer()  # says why there is no chat without one
+        tools = req.template_tools()
+        if tools and not template_knows_tools(tokenizer.chat_template):
+            raise ApiError(
+                400,
+                "this model's chat template does not render tools in a tool-call format this "
+                "server reads (Qwen2-style <tool_call> blocks)",
+                param="tools",
+            )
+        with self.loop.admitting():
+            return await asyncio.to_thread(
+                self._chat.encode,
+                req.template_messages(),
+                self.config.chat_parse_special_tokens,
+                tools,
+            )
 
     def _tokenizer(self) -> Tokenizer:
         if self.engine.tokenizer is None:
@@ -322,30 +420,69 @@ class _Server:
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ApiError(
-                400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param="prompt"
+                400,
+                f"token id {bad} is outside the vocabulary (0..{vocab - 1})",
+                param="prompt",
+                code="invalid_value",
             )
 
-    def _max_tokens(self, requested: int | None, num_prompt: int) -> int:
-        """requested, or else all the room the context limit and the KV cache leave."""
+    def _max_tokens(
+        self, requested: int | None, num_prompt: int, param: str, default: int | None = None
+    ) -> int:
+        """requested, if the context limit leaves room for it (else a 400 naming both numbers,
+        as OpenAI answers: no huge number reaches the engine); without one, default (or else
+        all the room) within what the context limit and the KV cache leave."""
+        limit = self.engine.max_model_len
         if requested is not None:
+            if num_prompt < limit < num_prompt + requested:  # a prompt alone too long: check_fits
+                raise ApiError(
+                    400,
+                    f"this model's context limit is {limit} tokens, but the prompt has "
+                    f"{num_prompt} tokens and {param} asks for {requested} more "
+                    f"({num_prompt + requested} in all); lower {param} or shorten the prompt",
+                    param=param,
+                    code="context_length_exceeded",
+                )
             return requested
-        room = min(self.engine.max_model_len, self.engine.runner.kv_capacity_tokens) - num_prompt
-        return max(room, 1)  # no room: check_fits says why
+        room = min(limit, self.engine.runner.kv_capacity_tokens) - num_prompt
+        return max(min(room, default) if default is not None else room, 1)  # none: check_fits
 
-    def _engine_requests(
+    async def _engine_requests(
         self,
         response_id: str,
         prompts: list[tuple[str | None, list[int]]],
         params: list[SamplingParams],
         arrival: float,
+        grammar_param: str = "response_format",
     ) -> list[EngineRequest]:
         # check_fits reads only sizes fixed at start-up, so it is safe off the engine thread.
         for (_, ids), p in zip(prompts, params):
             self.engine.check_fits(len(ids), p)
-        return [
-            EngineRequest(f"{response_id}-{i}", text, ids, p, arrival)
-            for i, ((text, ids), p) in enumerate(zip(prompts, params))
-        ]
+            if p.structured_output is None:
+                self.engine.check_params(p)
+            else:  # a grammar takes milliseconds to check (a second for the first one)
+                await asyncio.to_thread(self._check_grammar, p, grammar_param)
+        out: list[EngineRequest] = []
+        for (text, ids), p in zip(prompts, params):
+            first = f"{response_id}-{len(out)}"  # the others of its p.n share its prefill
+            out += [
+                EngineRequest(
+                    f"{response_id}-{len(out) + i}",
+                    text,
+                    ids,
+                    p.for_choice(i),
+                    arrival,
+                    share_prompt_with=first if i else None,
+                )
+                for i in range(p.n)
+            ]
+        return out
+
+    def _check_grammar(self, params: SamplingParams, param: str) -> None:
+        try:
+            self.engine.check_params(params)
+        except StructuredOutputError as e:
+            raise ApiError(400, str(e), param=param, code="invalid_value") from None
 
     async def _respond(
         self,
@@ -354,6 +491,8 @@ class _Server:
         formatter: CompletionFormatter | ChatFormatter,
         streaming: bool,
     ) -> Response:
+        if await request.is_disconnected():  # gone while its prompt was tokenized
+            raise ApiError(499, "the client closed the request", code="client_closed")
         stream = self.loop.open(engine_requests)
         if streaming:
             # The generator aborts on cancellation (client gone); the background task covers
@@ -386,11 +525,6 @@ def max_token_chars(tokenizer: Tokenizer) -> int:
     return max(map(len, tokenizer.backend.get_vocab(with_added_tokens=True)))
 
 
-def _render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
-    text = tokenizer.apply_chat_template(messages)
-    return text, tokenizer.encode(text)
-
-
 async def _sse(
     stream: OutputStream, formatter: CompletionFormatter | ChatFormatter
 ) -> AsyncIterator[str]:
@@ -415,15 +549,22 @@ def _event(payload: dict) -> str:
 
 
 async def _until_finished(request: Request, stream: OutputStream) -> dict[str, RequestOutput]:
-    """Every request's final output, or a 499 as soon as the client is seen to be gone (the
-    caller's `async with stream` then aborts the requests)."""
+    """Every request's final output, or a 499 as soon as the client is gone (the caller's
+    `async with stream` then aborts the requests)."""
     task = asyncio.ensure_future(stream.final_outputs())
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise ApiError(499, "the client closed the request", code="client_closed")
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ApiError(499, "the client closed the request", code="client_closed")
     finally:
         task.cancel()
+        gone.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects. The body has been read, so the next message the
+    server can receive is that one."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -21,7 +21,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,7 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    share_prompt_with: str | None = None  # another request's id: reuse its prefill (n > 1)
 
 
 @dataclass
@@ -77,6 +79,11 @@ class EngineLoop:
         # torch.set_num_threads made on the main thread (it would use every core).
         self._torch_threads = torch.get_num_threads()
         self._stop_lock = threading.Lock()  # no add may slip in after the final drain
+        # Requests accepted but not yet in the engine (being tokenized, or queued while the
+        # engine thread is in a step): the waiting gauge counts them from admission.
+        self._unadmitted = 0
+        self._unadmitted_tokens = 0  # prompt tokens of those already tokenized
+        self._unadmitted_lock = threading.Lock()
 
     # --- lifecycle (any thread) ---------------------------------------------------------------
     def start(self) -> None:
@@ -84,9 +91,16 @@ class EngineLoop:
             self._thread = threading.Thread(target=self._run, name="longctx-engine", daemon=True)
             self._thread.start()
 
+    def stop_soon(self) -> None:
+        """Ask the thread to stop (from any thread, a signal handler included): a step under
+        way unwinds at its next layer, and every open stream gets EngineStopped."""
+        if self._thread is not None:
+            self.engine.abort_signal.abort_everything()
+            self._commands.put(("stop", None))
+
     def shutdown(self, timeout: float = 10.0) -> None:
         if self._thread is not None:
-            self._commands.put(("stop", None))
+            self.stop_soon()
             self._thread.join(timeout)
             self._thread = None
 
@@ -94,7 +108,26 @@ class EngineLoop:
         return self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> EngineStats:
-        return self._stats
+        stats = self._stats
+        return dataclasses.replace(
+            stats,
+            waiting=stats.waiting + self._unadmitted,
+            queued_prompt_tokens=self._unadmitted_tokens,
+        )
+
+    @contextmanager
+    def admitting(self) -> Iterator[None]:
+        """Count a request as waiting while it is prepared (tokenized) for open()."""
+        self._count_unadmitted(1)
+        try:
+            yield
+        finally:
+            self._count_unadmitted(-1)
+
+    def _count_unadmitted(self, n: int, tokens: int = 0) -> None:
+        with self._unadmitted_lock:
+            self._unadmitted += n
+            self._unadmitted_tokens += tokens
 
     # --- requests (event loop) ----------------------------------------------------------------
     def open(self, requests: list[EngineRequest]) -> OutputStream:
@@ -105,17 +138,23 @@ class EngineLoop:
         with self._stop_lock:
             if self._thread is None or self._stopped.is_set():
                 raise EngineStopped("the engine is not running")
+            self._count_unadmitted(len(requests), sum(len(r.prompt_token_ids) for r in requests))
             for req in requests:
                 self._commands.put(("add", _Tracked(req, loop, sink)))
         return OutputStream(self, [r.request_id for r in requests], sink)
 
     def abort(self, request_ids: list[str]) -> None:
+        """Abort now: the mark unwinds a prefill step of these requests between two layers;
+        the command then frees their blocks on the engine thread."""
         for rid in request_ids:
+            self.engine.abort_signal.abort(rid)
             self._commands.put(("abort", rid))
 
     # --- the thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         torch.set_num_threads(self._torch_threads)
+        # The gauges show what a step runs while it runs (a prefill chunk may take seconds).
+        self.engine.after_schedule = self._publish_stats
         try:
             while self._handle_commands(block=not self.engine.has_unfinished()):
                 if self.engine.has_unfinished():
@@ -126,6 +165,9 @@ class EngineLoop:
                 self._stopped.set()
             self._fail_all(lambda: EngineStopped("the server is shutting down"))
             self._refuse_queued()
+            self.engine.abort_signal.reset()  # the engine may serve again (offline, a new loop)
+            self.engine.after_schedule = None
+            self._publish_stats()
 
     def _handle_commands(self, block: bool) -> bool:
         """Apply queued adds and aborts (waiting for one if block); False once asked to stop."""
@@ -148,12 +190,14 @@ class EngineLoop:
 
     def _add(self, tracked: _Tracked) -> None:
         req = tracked.request
+        self._count_unadmitted(-1, -len(req.prompt_token_ids))
         try:
             self.engine.add_request(
                 req.prompt,
                 req.params,
                 request_id=req.request_id,
                 prompt_token_ids=req.prompt_token_ids,
+                share_prompt_with=req.share_prompt_with,
             )
         except Exception as e:  # a LongctxError (or a bug) is this request's alone
             self._deliver({tracked.loop: [(tracked.sink, req.request_id, e)]})
@@ -166,13 +210,15 @@ class EngineLoop:
         if tracked is not None:
             self.engine.abort(request_id)
             self._record_done(tracked, "abort")
+        else:  # finished meanwhile (or refused): only the mark is left
+            self.engine.abort_signal.clear(request_id)
 
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception:
+        except Exception as e:
             log.exception("engine step failed; failing the requests it was running")
-            self._fail_running()
+            self._fail_running(e)
             return
         batches: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
@@ -186,13 +232,29 @@ class EngineLoop:
                 self._record_done(tracked, out.finish_reason or "stop")
         self._deliver(batches)
 
-    def _fail_running(self) -> None:
-        # The failed step's batch was drawn from the running requests; if none is known (the
-        # failure came before admission), fail them all rather than fail the same step forever.
-        running = [s.request_id for s in self.engine.scheduler.running]
-        victims = [rid for rid in running if rid in self._tracked] or list(self._tracked)
-        message = "internal error while running this request; see the server log"
+    def _fail_running(self, cause: Exception) -> None:
+        victims = [rid for rid in self._suspects() if rid in self._tracked] or list(self._tracked)
+        if isinstance(cause, torch.OutOfMemoryError):
+            message = "the engine ran out of device memory while running this request"
+        else:
+            message = "internal error while running this request; see the server log"
         self._fail(victims, lambda: EngineStepError(message))
+
+    def _suspects(self) -> list[str]:
+        """Whom a failed step fails. A launch that raised (out of memory in a prefill chunk,
+        say) changed no sequence: fail its prefilling requests, or its whole batch if it had
+        none, and the others retry. A failure while reading a step back may have left any
+        running request half-updated: fail them all. If none is known (the failure came
+        before admission), the caller fails every request rather than the same step forever."""
+        batch = self.engine.failed_batch
+        if batch is None:
+            return [s.request_id for s in self.engine.scheduler.running]
+        prefilling = [
+            s.request_id
+            for s, n in zip(batch.seqs, batch.num_new_tokens)
+            if s.num_computed_tokens < s.num_prompt_tokens
+        ]
+        return prefilling or [s.request_id for s in batch.seqs]
 
     def _fail_all(self, error: Callable[[], Exception]) -> None:
         self._fail(list(self._tracked), error)
@@ -202,6 +264,7 @@ class EngineLoop:
         while (command := self._next_command(block=False)) is not None:
             kind, tracked = command
             if kind == "add":
+                self._count_unadmitted(-1, -len(tracked.request.prompt_token_ids))
                 error = EngineStopped("the server is shutting down")
                 self._deliver({tracked.loop: [(tracked.sink, tracked.request.request_id, error)]})
 
@@ -269,6 +332,8 @@ def engine_stats(engine: LLMEngine) -> EngineStats:
         blocks_used=sched.blocks.num_blocks - sched.blocks.num_free,
         blocks_total=sched.blocks.num_blocks,
         prefill=prefill,
+        prefix_cache=sched.blocks.stats(),
+        preemptions=sched.num_preemptions,
     )
 
 

@@ -13,6 +13,8 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from longctx.engine.prefix_cache import PrefixCacheStats
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "longctx"
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -33,6 +35,9 @@ class EngineStats:
     blocks_used: int = 0
     blocks_total: int = 0
     prefill: dict[str, tuple[int, int]] = field(default_factory=dict)
+    queued_prompt_tokens: int = 0  # of requests accepted but not yet in the engine
+    prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+    preemptions: int = 0  # since start
 
 
 class Histogram:
@@ -115,7 +120,8 @@ class ServerMetrics:
 
 
 def _engine_lines(stats: EngineStats) -> list[str]:
-    remaining = sum(prompt - done for done, prompt in stats.prefill.values())
+    remaining = stats.queued_prompt_tokens
+    remaining += sum(prompt - done for done, prompt in stats.prefill.values())
     gauges = (
         ("num_requests_waiting", "requests queued, not yet admitted", stats.waiting),
         ("num_requests_running", "requests admitted (prefilling or decoding)", stats.running),
@@ -127,12 +133,49 @@ def _engine_lines(stats: EngineStats) -> list[str]:
     for name, help_, value in gauges:
         lines += _family(name, "gauge", help_)
         lines.append(f"{PREFIX}_{name} {value}")
+    lines += _prefix_cache_lines(stats.prefix_cache)
+    lines += _family("num_preemptions_total", "counter", "requests preempted to free KV blocks")
+    lines.append(f"{PREFIX}_num_preemptions_total {stats.preemptions}")
     lines += _family(
         "prefill_progress_ratio", "gauge", "computed / prompt tokens of each prefilling request"
     )
     for rid, (done, prompt) in stats.prefill.items():
         ratio = done / prompt if prompt else 1.0
         lines.append(f'{PREFIX}_prefill_progress_ratio{{request_id="{_label(rid)}"}} {ratio:.6g}')
+    return lines
+
+
+def _prefix_cache_lines(pc: PrefixCacheStats) -> list[str]:
+    series = (
+        (
+            "prefix_cache_queried_tokens_total",
+            "counter",
+            "tokens of admitted requests looked up in the prefix cache",
+            pc.queried_tokens,
+        ),
+        (
+            "prefix_cache_hit_tokens_total",
+            "counter",
+            "of those, tokens whose KV was cached",
+            pc.hit_tokens,
+        ),
+        (
+            "prefix_cache_hit_rate",
+            "gauge",
+            "hit tokens / queried tokens since start",
+            f"{pc.hit_rate:.6g}",
+        ),
+        (
+            "kv_cache_blocks_cached",
+            "gauge",
+            "KV blocks named in the prefix cache (held or not)",
+            pc.cached_blocks,
+        ),
+    )
+    lines = []
+    for name, kind, help_, value in series:
+        lines += _family(name, kind, help_)
+        lines.append(f"{PREFIX}_{name} {value}")
     return lines
 
 

@@ -1,17 +1,24 @@
 """The OpenAI API as longctx serves it: request models in, response and chunk dicts out.
 
-Requests are pydantic models that ignore fields we do not use (clients send many) but refuse
-the ones whose meaning we would silently change (n > 1, echo, penalties, logit_bias). Responses
-are plain dicts in the shapes of OpenAI's `text_completion`, `chat.completion` and
-`chat.completion.chunk` objects, built by a formatter that follows each request's outputs.
+Requests are pydantic models. Every OpenAI parameter that changes what is generated is
+either honoured or refused with a 400 naming it (`REFUSED`: audio, web search, reasoning
+settings, the deprecated `functions`, `store`, and vLLM extensions we do not implement), never
+ignored. Ignored are only fields that do not change the output: `user`, `metadata`,
+`service_tier`, `prediction` (a latency hint), `prompt_cache_key`, `safety_identifier`, and
+`strict` on function definitions (arguments are grammar-enforced only with tool_choice
+required or named). Responses are plain dicts in the shapes of OpenAI's `text_completion`,
+`chat.completion` and `chat.completion.chunk` objects, built by a formatter that follows each
+request's outputs.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -24,10 +31,17 @@ from pydantic import (
 )
 
 from longctx.engine.outputs import RequestOutput
-from longctx.sampling_params import SamplingParams
+from longctx.sampling_params import MAX_LOGIT_BIAS, MAX_PENALTY, SamplingParams
+from longctx.server.tool_parser import ToolCallOutput
+from longctx.structured_output import StructuredOutput
 from longctx.tokenizer import Tokenizer
 
 MAX_TOP_LOGPROBS = 20
+DEFAULT_MAX_TOKENS = 16  # of /v1/completions, as OpenAI's
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+NonEmptyText = Annotated[str, Field(min_length=1)]
+MAX_CHOICES = 128
 MIN_LOGPROB = -9999.0  # JSON has no -inf
 
 M = TypeVar("M", bound=BaseModel)
@@ -63,10 +77,36 @@ def parse_request(model: type[M], payload: object) -> M:
     try:
         return model.model_validate(payload)
     except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        # Of a union's errors, the member that matched deepest, with the fewest errors, says
+        # best what is wrong (loc[:2] is the field and the member tried).
+        errors = e.errors()
+        paths = [_param_path(payload, err) for err in errors]
+        members = Counter(tuple(err["loc"][:2]) for err in errors)
+        best = max(
+            range(len(errors)),
+            key=lambda i: (len(paths[i]), -members[tuple(errors[i]["loc"][:2])]),
+        )
+        first = errors[best]
+        param = ".".join(paths[best]) or None
         where = f"{param}: " if param else ""
         raise ApiError(400, f"{where}{first['msg']}", param=param, code="invalid_value") from None
+
+
+def _param_path(payload: object, error: Mapping[str, Any]) -> list[str]:
+    """The part of an error's location that names places in the body: pydantic also names the
+    member of a union it tried (`prompt.list[int].0`), which is no parameter."""
+    path, value, loc = [], payload, error["loc"]
+    for i, part in enumerate(loc):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and isinstance(part, int) and part < len(value):
+            value = value[part]
+        elif error["type"] == "missing" and i == len(loc) - 1:
+            pass  # the missing field itself
+        else:
+            continue
+        path.append(str(part))
+    return path
 
 
 # --- requests --------------------------------------------------------------------------------
@@ -76,53 +116,118 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """response_format.json_schema. The schema is enforced whether or not strict is set."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema object with a schema')
+        return self
+
+    def structured_output(self) -> StructuredOutput | None:
+        if self.type == "json_object":
+            return StructuredOutput(json_object=True)
+        if self.type == "json_schema":
+            return StructuredOutput(json_schema=self.json_schema.json_schema)
+        return None
+
+
+# name -> (the value that means "off", why it is refused when set to anything else)
+REFUSED: Mapping[str, tuple[Any, str]] = {
+    "functions": (None, "the deprecated functions parameter is not supported: use tools"),
+    "function_call": (None, "the deprecated function_call is not supported: use tool_choice"),
+    "audio": (None, "audio output is not supported"),
+    "modalities": (["text"], 'only modalities ["text"] is supported'),
+    "web_search_options": (None, "web search is not supported"),
+    "reasoning_effort": (None, "this server's models do not take reasoning_effort"),
+    "verbosity": (None, "verbosity is not supported"),
+    "store": (False, "completions are not stored (store=true is not supported)"),
+    # vLLM's extensions that would otherwise pass unnoticed
+    "min_p": (0.0, "min_p is not supported"),
+    "use_beam_search": (False, "beam search is not supported"),
+    "length_penalty": (1.0, "length_penalty (beam search) is not supported"),
+    "guided_json": (None, "use response_format json_schema"),
+    "guided_regex": (None, "guided_regex is not supported: use response_format"),
+    "guided_choice": (None, "guided_choice is not supported: use response_format"),
+    "guided_grammar": (None, "guided_grammar is not supported: use response_format"),
+    "structured_outputs": (None, "use response_format"),
+    "prompt_logprobs": (None, "use echo with logprobs on /v1/completions"),
+    "allowed_token_ids": (None, "allowed_token_ids is not supported: use logit_bias"),
+    "bad_words": ([], "bad_words is not supported: use logit_bias"),
+    "truncate_prompt_tokens": (None, "prompts are never truncated"),
+    "include_stop_str_in_output": (False, "stop strings are always cut from the output"),
+    "skip_special_tokens": (True, "special tokens are always skipped in the text"),
+    "add_special_tokens": (False, "add_special_tokens is not supported"),
+    "chat_template": (None, "the model's own chat template is always used"),
+    "chat_template_kwargs": (None, "chat_template_kwargs is not supported"),
+    "continue_final_message": (False, "continue_final_message is not supported"),
+    "add_generation_prompt": (True, "the generation prompt is always added"),
+    "documents": (None, "documents is not supported"),
+    "priority": (0, "request priorities are not supported"),
+}
+
+
+def _refuse_unsupported(data: Any) -> None:
+    if not isinstance(data, dict):
+        return
+    for name, (off, why) in REFUSED.items():
+        if data.get(name) not in (None, off):
+            raise ApiError(400, why, param=name, code="unsupported_parameter")
+
+
 class _GenerationRequest(BaseModel):
     """Fields both endpoints share. top_k, min_tokens, ignore_eos, stop_token_ids: vLLM's
     extensions of the OpenAI API."""
 
-    model_config = ConfigDict(extra="ignore")
+    # 1e999 decodes as inf: no sampling parameter means anything there.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # 0 and -1 (vLLM's spelling) both mean off
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)  # what a torch.Generator takes
+    stop: NonEmptyText | list[NonEmptyText] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # the n choices of a prompt share its prefill
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: float = Field(1.0, gt=0)  # vLLM's extension
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None  # on /v1/completions too, as vLLM has it
 
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
+        _refuse_unsupported(data)
         # Clients that send every field write the unset ones as null.
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float) -> float:
-        if v != 0:
-            raise ValueError("penalties are not supported (only 0)")
-        return v
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_bias(cls, v: dict | None) -> dict | None:
-        if v:
-            raise ValueError("logit_bias is not supported")
+    def _token_id_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if abs(bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         return v
 
     @property
@@ -142,32 +247,40 @@ class _GenerationRequest(BaseModel):
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
             logprobs=logprobs,
+            n=self.n,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias={int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None,
+            structured_output=self.structured_output(),
         )
+
+    def structured_output(self) -> StructuredOutput | None:
+        return self.response_format.structured_output() if self.response_format else None
 
 
 Prompt = str | list[int]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int = Field(16, ge=1)
+    prompt: (
+        NonEmptyText
+        | TokenIds
+        | Annotated[list[NonEmptyText], Field(min_length=1)]
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
+    max_tokens: int | None = Field(None, ge=1)  # unset: DEFAULT_MAX_TOKENS, within the room
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    echo: bool = False  # with logprobs: the prompt tokens' logprobs too (prompt_logprobs)
+    best_of: int | None = Field(None, json_schema_extra={"enum": [1, None]})
+    suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
     def _some_prompt(cls, v: Any) -> Any:
         if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
             raise ValueError("prompt must not be empty")
-        return v
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
         return v
 
     @field_validator("best_of")
@@ -193,15 +306,68 @@ class CompletionRequest(_GenerationRequest):
 
 
 class ContentPart(BaseModel):
+    # The schema says what ChatMessage._text_only lets through.
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"required": ["type", "text"]})
+    type: str = Field(json_schema_extra={"const": "text"})
+    text: str | None = Field(None, json_schema_extra={"type": "string"})
+
+
+class FunctionDefinition(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: str
-    text: str | None = None
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # the arguments are enforced only with tool_choice required/named
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str
+
+
+class MessageToolCall(BaseModel):
+    """A call an earlier assistant turn made, sent back with the conversation."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+    def as_template_call(self) -> dict[str, Any]:
+        # Chat templates print the arguments with tojson: they expect an object, not text.
+        try:
+            arguments = json.loads(self.function.arguments)
+        except json.JSONDecodeError:
+            arguments = self.function.arguments
+        function = {"name": self.function.name, "arguments": arguments}
+        return {"id": self.id, "type": "function", "function": function}
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
     @field_validator("content")
     @classmethod
@@ -210,12 +376,25 @@ class ChatMessage(BaseModel):
             raise ValueError("only text content parts are supported")
         return v
 
-    def as_template_message(self) -> dict[str, str]:
+    @model_validator(mode="after")
+    def _calls_from_the_assistant(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
+
+    def as_template_message(self) -> dict[str, Any]:
         role = "system" if self.role == "developer" else self.role
         content = self.content
         if isinstance(content, list):
             content = "".join(p.text or "" for p in content)
-        return {"role": role, "content": content or ""}
+        message: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [c.as_template_call() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -224,6 +403,17 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    echo: bool = False  # vLLM's extension (echo the last message): refused
+
+    @field_validator("echo")
+    @classmethod
+    def _no_chat_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is supported on /v1/completions only")
+        return v
 
     @field_validator("top_logprobs")
     @classmethod
@@ -232,19 +422,68 @@ class ChatCompletionRequest(_GenerationRequest):
             raise ValueError("top_logprobs needs logprobs=true")
         return v
 
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, v: list[Tool] | None) -> list[Tool] | None:
+        names = [t.function.name for t in v or ()]
+        if len(set(names)) < len(names):
+            raise ValueError("function names must be unique")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _names_a_tool(cls, v: Any, info: ValidationInfo) -> Any:
+        names = [t.function.name for t in info.data.get("tools") or ()]
+        if v not in (None, "none", "auto") and not names:
+            raise ValueError("tool_choice required or named needs tools")
+        if isinstance(v, NamedToolChoice) and v.function.name not in names:
+            raise ValueError(f"names {v.function.name!r}, which is not in tools")
+        if v not in (None, "none", "auto") and info.data.get("response_format") is not None:
+            if info.data["response_format"].type != "text":
+                raise ValueError("tool_choice required or named excludes a response_format")
+        return v
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the chat template shows the model (none with tool_choice "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def tool_names(self) -> set[str]:
+        return {t.function.name for t in self.tools or ()} if self.template_tools() else set()
+
+    def forced_tools(self) -> list[dict[str, Any]] | None:
+        """The functions the model must call (tool_choice required or named), else None."""
+        choice = self.tool_choice
+        if choice == "required":
+            return [t.function.model_dump(exclude_none=True) for t in self.tools]
+        if isinstance(choice, NamedToolChoice):
+            return [
+                t.function.model_dump(exclude_none=True)
+                for t in self.tools
+                if t.function.name == choice.function.name
+            ]
+        return None
+
     @property
     def max_output_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
     @property
+    def max_tokens_param(self) -> str:
+        """The field max_output_tokens came from, for error messages."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+
+    @property
     def engine_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def template_messages(self) -> list[dict[str, str]]:
+    def template_messages(self) -> list[dict[str, Any]]:
         return [m.as_template_message() for m in self.messages]
 
     def content_chars(self) -> int:
-        return sum(len(m["content"]) for m in self.template_messages())
+        tools = json.dumps(self.template_tools()) if self.template_tools() else ""
+        return sum(len(m["content"]) for m in self.template_messages()) + len(tools)
 
 
 # --- token names for logprobs -----------------------------------------------------------------
@@ -278,6 +517,11 @@ class TokenNames:
             self._text[token_id] = self._tokenizer.decode([token_id], skip_special_tokens=False)
         return self._text[token_id]
 
+    def decode(self, token_ids: list[int]) -> str:
+        if self._tokenizer is None:
+            return "".join(self.text(t) for t in token_ids)
+        return self._tokenizer.decode(token_ids, skip_special_tokens=False)
+
     def bytes(self, token_id: int) -> list[int]:
         # A byte-level token spells its bytes, so a token holding part of a UTF-8 character
         # still reports its real bytes; other tokens (added, non-byte-level) their UTF-8 text.
@@ -296,15 +540,20 @@ def _finite(lp: float) -> float:
 
 
 def completion_logprobs(
-    token_ids: list[int], logprobs: list[dict[int, float]], n: int, names: TokenNames, offset: int
+    token_ids: list[int],
+    logprobs: list[dict[int, float] | None],
+    n: int,
+    names: TokenNames,
+    offset: int,
 ) -> dict:
-    """The legacy completions logprobs object; text_offset counts from the completion's start."""
+    """The legacy completions logprobs object; text_offset counts from offset. A None entry
+    (the first prompt token, which nothing predicts) has null logprobs."""
     tokens, chosen, tops, offsets = [], [], [], []
     for tok, lps in zip(token_ids, logprobs):
         text = names.text(tok)
         tokens.append(text)
-        chosen.append(_finite(lps[tok]))
-        tops.append({names.text(t): _finite(lp) for t, lp in _top(lps, n)})
+        chosen.append(_finite(lps[tok]) if lps is not None else None)
+        tops.append({names.text(t): _finite(lp) for t, lp in _top(lps, n)} if lps else None)
         offsets.append(offset)
         offset += len(text)
     return {
@@ -337,6 +586,7 @@ class _Choice:
     tokens_sent: int = 0
     text_offset: int = 0
     last: RequestOutput | None = None
+    echoed: bool = False
 
 
 class _Formatter:
@@ -404,22 +654,60 @@ class _Formatter:
 class CompletionFormatter(_Formatter):
     OBJECT = "text_completion"
 
+    def __init__(self, *args: Any, echo: bool = False, **kwargs: Any) -> None:
+        """echo: each choice starts with its prompt (and, with logprobs, the prompt tokens'
+        logprobs, the first one null)."""
+        super().__init__(*args, **kwargs)
+        self.echo = echo
+
     def opening_chunks(self) -> list[dict]:
         return []
 
+    def _echoed(self, out: RequestOutput) -> tuple[str, dict | None]:
+        """The prompt's text and logprobs object."""
+        text = out.prompt if out.prompt is not None else self.names.decode(out.prompt_token_ids)
+        logprobs = None
+        if out.prompt_logprobs is not None:
+            n = self.top_logprobs or 0
+            logprobs = completion_logprobs(
+                out.prompt_token_ids, out.prompt_logprobs, n, self.names, 0
+            )
+        return text, logprobs
+
+    def _with_echo(
+        self, out: RequestOutput, text: str, logprobs: dict | None
+    ) -> tuple[str, dict | None]:
+        echo_text, echo_lps = self._echoed(out)
+        if echo_lps is not None and logprobs is not None:
+            logprobs = {k: echo_lps[k] + logprobs[k] for k in logprobs}
+        return echo_text + text, logprobs
+
+    def _offset(self, out: RequestOutput) -> int:
+        """Where the completion's text_offset starts: after the echoed prompt tokens."""
+        if not self.echo:
+            return 0
+        return sum(len(self.names.text(t)) for t in out.prompt_token_ids)
+
     def chunks(self, out: RequestOutput) -> list[dict]:
         choice, new_ids, new_lps = self._advance(out)
+        echo_now = self.echo and not choice.echoed and (bool(new_ids) or out.finished)
         if not out.new_text and not out.finished and not (new_ids and new_lps is not None):
             return []
+        if echo_now and not choice.text_offset:
+            choice.text_offset = self._offset(out)
         logprobs = None
         if new_lps is not None:
             logprobs = completion_logprobs(
                 new_ids, new_lps, self.top_logprobs or 0, self.names, choice.text_offset
             )
         choice.text_offset += len(out.new_text)
+        text = out.new_text
+        if echo_now:
+            choice.echoed = True
+            text, logprobs = self._with_echo(out, text, logprobs)
         body = {
             "index": choice.index,
-            "text": out.new_text,
+            "text": text,
             "logprobs": logprobs,
             "finish_reason": out.finish_reason if out.finished else None,
         }
@@ -431,14 +719,17 @@ class CompletionFormatter(_Formatter):
     def response(self, finals: Mapping[str, RequestOutput]) -> dict:
         choices = []
         for choice, out in self.ordered(finals):
-            logprobs = None
+            logprobs, text = None, out.text
             if out.logprobs is not None:
                 n = self.top_logprobs or 0
-                logprobs = completion_logprobs(out.token_ids, out.logprobs, n, self.names, 0)
+                offset = self._offset(out)
+                logprobs = completion_logprobs(out.token_ids, out.logprobs, n, self.names, offset)
+            if self.echo:
+                text, logprobs = self._with_echo(out, text, logprobs)
             choices.append(
                 {
                     "index": choice.index,
-                    "text": out.text,
+                    "text": text,
                     "logprobs": logprobs,
                     "finish_reason": out.finish_reason,
                 }
@@ -449,8 +740,16 @@ class CompletionFormatter(_Formatter):
 class ChatFormatter(_Formatter):
     CHUNK = "chat.completion.chunk"
 
+    def __init__(self, *args: Any, tools: ToolCallOutput | None = None, **kwargs: Any) -> None:
+        """tools: when the request has tools the model may call."""
+        super().__init__(*args, **kwargs)
+        self.tools = tools
+
     def opening_chunks(self) -> list[dict]:
-        return [self._chunk(0, {"role": "assistant", "content": ""}, None, None)]
+        return [
+            self._chunk(c.index, {"role": "assistant", "content": ""}, None, None)
+            for c in self._choices.values()
+        ]
 
     def _chunk(self, index: int, delta: dict, logprobs: dict | None, reason: str | None) -> dict:
         body = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
@@ -465,6 +764,10 @@ class ChatFormatter(_Formatter):
             logprobs = chat_logprobs(new_ids, new_lps, self.top_logprobs or 0, self.names)
         delta = {"content": out.new_text} if out.new_text else {}
         reason = out.finish_reason if out.finished else None
+        if self.tools is not None:
+            delta, reason = self.tools.delta(out.request_id, out.new_text, reason)
+            if not delta and reason is None and logprobs is None:
+                return []
         return [self._chunk(choice.index, delta, logprobs, reason)]
 
     def closing_chunks(self) -> list[dict]:
@@ -477,12 +780,15 @@ class ChatFormatter(_Formatter):
             if out.logprobs is not None:
                 n = self.top_logprobs or 0
                 logprobs = chat_logprobs(out.token_ids, out.logprobs, n, self.names)
+            message, reason = {"role": "assistant", "content": out.text}, out.finish_reason
+            if self.tools is not None:
+                message, reason = self.tools.message(out.text, out.finish_reason)
             choices.append(
                 {
                     "index": choice.index,
-                    "message": {"role": "assistant", "content": out.text},
+                    "message": message,
                     "logprobs": logprobs,
-                    "finish_reason": out.finish_reason,
+                    "finish_reason": reason,
                 }
             )
         return {**self._envelope("chat.completion", choices), "usage": self.usage()}

@@ -33,6 +33,7 @@ DEFAULT_SLASH = 6096
 DEFAULT_THRESHOLD = 32768
 DEFAULT_LAST_Q = 64
 DCA_BUDGETS = ("shared", "per_part")
+SLASH_UNITS = ("tile", "diagonal")  # longctx/sparse/estimate.py, "Slash unit"
 BUILTIN_DEFAULT = "default"  # --sparse-config default: the default budget for every head
 
 
@@ -65,6 +66,9 @@ class SparseConfig:
     # With DCA: one budget per head over all key parts, or the whole budget in each part
     # (longctx/sparse/estimate.py).
     dca_budget: str = "shared"
+    # What a slash budget counts: keys per row in whole kernel tiles, or MInference's diagonals
+    # (longctx/sparse/estimate.py).
+    slash_unit: str = "tile"
     source: str | None = None  # where the patterns came from, for messages
 
     def __post_init__(self) -> None:
@@ -78,6 +82,11 @@ class SparseConfig:
             raise ConfigError(
                 f"sparse dca_budget must be one of {', '.join(DCA_BUDGETS)}, "
                 f"got {self.dca_budget!r}"
+            )
+        if self.slash_unit not in SLASH_UNITS:
+            raise ConfigError(
+                f"sparse slash_unit must be one of {', '.join(SLASH_UNITS)}, "
+                f"got {self.slash_unit!r}"
             )
 
     def pattern(self, layer: int, head: int) -> HeadPattern:
@@ -185,6 +194,7 @@ def resolve_sparse_config(
     threshold: int | None = None,
     last_q: int | None = None,
     dca_budget: str | None = None,
+    slash_unit: str | None = None,
 ) -> SparseConfig | None:
     """Turn what the user gave into a SparseConfig, or None for dense prefill.
 
@@ -192,7 +202,7 @@ def resolve_sparse_config(
     (off); None or True (look at the model: a `sparse_attention_config.json` beside its
     config.json, or the config.json keys `sparse_attention_config` / `sparse_attention_enabled`
     / `sparse_attention_threshold` / `sparse_attention_last_q`; True turns defaults on when the
-    model has nothing). threshold / last_q / dca_budget override whatever was found.
+    model has nothing). threshold / last_q / dca_budget / slash_unit override whatever was found.
     """
     if spec is False:
         return None
@@ -207,14 +217,19 @@ def resolve_sparse_config(
     else:
         config = SparseConfig.load(spec)
     if config is None:
-        if threshold is not None or last_q is not None or dca_budget is not None:
+        if any(x is not None for x in (threshold, last_q, dca_budget, slash_unit)):
             raise ConfigError(
-                "--sparse-threshold / --sparse-last-q / --sparse-dca-budget need a sparse "
-                "config: pass "
+                "--sparse-threshold / --sparse-last-q / --sparse-dca-budget / "
+                "--sparse-slash-unit need a sparse config: pass "
                 f"--sparse-config PATH (or 'default'), or a model with {CONFIG_FILENAME}"
             )
         return None
-    overrides = {"threshold": threshold, "last_q": last_q, "dca_budget": dca_budget}
+    overrides = {
+        "threshold": threshold,
+        "last_q": last_q,
+        "dca_budget": dca_budget,
+        "slash_unit": slash_unit,
+    }
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longctx.sparse.estimate import NO_COLUMN, NO_SLASH, PartSelection, SparsePart
+from longctx.sparse.estimate import NO_COLUMN, NO_SLASH, PartSelection, SparsePart, host_tensor
 
 Tensor = torch.Tensor
 
@@ -96,114 +96,109 @@ def convert_indices(
     block_n: int,
 ) -> SegmentIndex:
     """Per-part selections (estimate.estimate_indices) -> the kernel's index for the segment
-    whose queries are at absolute positions q_pos0 .. q_pos0 + num_rows - 1."""
+    whose queries are at absolute positions q_pos0 .. q_pos0 + num_rows - 1.
+
+    All parts go through every step together (a leading part axis, per-part key ranges as
+    tensors), so the conversion is a few dozen device operations whatever the part count, and
+    none of them waits for the device: every width follows from the selections' widths."""
     device = selections[0].vertical.device
     m0, m1 = block_bounds(q_pos0, num_rows, block_m, device)
-    per_part = [
-        _convert_part(sel, part, m0, m1, block_m, block_n)
-        for sel, part in zip(selections, parts, strict=True)
-    ]
-    info = torch.tensor(
-        [[p.key_lo, p.key_hi, int(p.causal)] for p in parts], dtype=torch.int32, device=device
-    )
-    fields = zip(*per_part, strict=True)
-    pads = (NO_SLASH, NO_SLASH, NO_TILE, NO_TILE, 0, 0, 0)
-    stacked = [_stack_padded(list(f), pad) for f, pad in zip(fields, pads, strict=True)]
-    return SegmentIndex(tuple(parts), q_pos0, num_rows, block_m, block_n, *stacked, info)
-
-
-def _convert_part(
-    sel: PartSelection, part: SparsePart, m0: Tensor, m1: Tensor, block_m: int, block_n: int
-) -> tuple[Tensor, ...]:
-    run_hi, run_lo = slash_runs(sel.slash, part, block_m)
+    m0_last = q_pos0 + (m0.numel() - 1) * block_m  # on the host: no synchronisation
+    info_rows = [[p.key_lo, p.key_hi, int(p.causal)] for p in parts]
+    info = host_tensor(info_rows, device, torch.int32)
+    lo = info[:, 0].long()[:, None]  # [P, 1]
+    hi_eff = torch.where(info[:, 2:3] != 0, torch.minimum(info[:, 1:2].long(), m1), info[:, 1:2])
+    run_hi, run_lo = slash_runs([s.slash for s in selections], parts, block_m)
     tile_o, tile_e = run_tiles(run_hi, run_lo, block_m, block_n)
-    hi_eff = _visible_end(part, m1)
-    tile_range = visible_tiles(tile_o, tile_e, m0, part.key_lo, hi_eff, block_m, block_n)
-    columns, count = block_columns(sel.vertical, run_hi, run_lo, m0, part.key_lo, hi_eff, block_m)
+    tile_range = visible_tiles(tile_o, tile_e, m0, lo, hi_eff, block_m, block_n)
+    vertical = _stack_padded([s.vertical for s in selections], NO_COLUMN)
+    columns, count = block_columns(vertical, run_hi, run_lo, m0, lo, hi_eff, block_m, m0_last)
     empty = (tile_range[..., 1] == tile_range[..., 0]) & (count == 0)
-    columns, count = add_fallback(columns, count, empty, part, m0)
-    return run_hi, run_lo, tile_o, tile_e, tile_range, columns, count
+    columns, count = add_fallback(columns, count, empty, parts, m0)
+    return SegmentIndex(
+        tuple(parts), q_pos0, num_rows, block_m, block_n,
+        run_hi, run_lo, tile_o, tile_e, tile_range, columns.contiguous(), count.contiguous(), info,
+    )  # fmt: skip
 
 
-def _visible_end(part: SparsePart, m1: Tensor) -> Tensor:
-    """[NB] past-last key any row of each block may see."""
-    hi = torch.full_like(m1, part.key_hi)
-    return torch.minimum(hi, m1) if part.causal else hi
-
-
-def slash_runs(slash: Tensor, part: SparsePart, block_m: int) -> tuple[Tensor, Tensor]:
-    """Selection distances [H, S] -> merged runs of absolute distances: (d_hi, d_lo) [H, G],
-    sorted by d_hi falling (key start rising), padded with NO_SLASH."""
-    shifts = torch.tensor(part.shifts(), device=slash.device, dtype=torch.int64)
-    valid = slash != NO_SLASH
-    d = torch.where(valid[..., None], slash[..., None] + shifts, NO_SLASH).flatten(1)
-    d = d.sort(dim=1, descending=True).values
+def slash_runs(
+    slashes: Sequence[Tensor], parts: Sequence[SparsePart], block_m: int
+) -> tuple[Tensor, Tensor]:
+    """Selection distances per part [H, S_p] -> merged runs of absolute distances: (d_hi, d_lo)
+    [P, H, G], sorted by d_hi falling (key start rising), padded with NO_SLASH. A part's shifts
+    (inter: one per older chunk) are padded to the most any part has."""
+    slash = _stack_padded(list(slashes), NO_SLASH)  # [P, H, S]
+    shifts = [list(p.shifts()) for p in parts]
+    width = max(len(x) for x in shifts)
+    pad = [[0] * (width - len(x)) for x in shifts]
+    table = host_tensor([x + z for x, z in zip(shifts, pad)], slash.device, torch.int64)
+    real = host_tensor([[1] * len(x) + z for x, z in zip(shifts, pad)], slash.device, torch.bool)
+    valid = (slash != NO_SLASH)[..., None] & real[:, None, None, :]
+    d = torch.where(valid, slash[..., None] + table[:, None, None, :], NO_SLASH).flatten(2)
+    d = d.sort(dim=-1, descending=True).values
     valid = d != NO_SLASH
     new = torch.ones_like(valid)
-    new[:, 1:] = (d[:, :-1] - d[:, 1:]) > block_m
+    new[..., 1:] = (d[..., :-1] - d[..., 1:]) > block_m
     new &= valid
     last = valid.clone()
-    last[:, :-1] &= new[:, 1:] | ~valid[:, 1:]
-    run_id = new.cumsum(1) - 1
-    width = max(1, int(new.sum(1).max()) if d.numel() else 0)  # >= 1: no empty tensors
+    last[..., :-1] &= new[..., 1:] | ~valid[..., 1:]
+    run_id = new.cumsum(-1) - 1
+    # Every distance may start a run: a width known on the host (>= 1: no empty tensors).
+    width = max(1, d.shape[-1])
     return _scatter_runs(d, new, run_id, width), _scatter_runs(d, last, run_id, width)
 
 
 def _scatter_runs(d: Tensor, where: Tensor, run_id: Tensor, width: int) -> Tensor:
-    out = torch.full((d.shape[0], width + 1), NO_SLASH, dtype=d.dtype, device=d.device)
-    out.scatter_(1, torch.where(where, run_id, width), d)
-    return out[:, :width].contiguous()
+    out = torch.full((*d.shape[:-1], width + 1), NO_SLASH, dtype=d.dtype, device=d.device)
+    out.scatter_(-1, torch.where(where, run_id, width), d)
+    return out[..., :width].contiguous()
 
 
 def run_tiles(run_hi: Tensor, run_lo: Tensor, block_m: int, block_n: int) -> tuple[Tensor, Tensor]:
-    """Cut every run into BN-wide tiles: (o, e) [H, K] int32: key start m0 - o, key end
-    m0 + BM - e."""
-    heads, runs = run_hi.shape
+    """Cut every run into BN-wide tiles: (o, e) [..., K] int32: key start m0 - o, key end
+    m0 + BM - e.
+
+    K is a bound known on the host: a run of k merged diagonals spans at most (k - 1) BM
+    distances, so it needs at most ceil(k BM / BN) tiles, and the runs hold at most G
+    diagonals. Tile slot t of a head belongs to the run whose tile counts, summed, first pass t.
+    """
+    runs = run_hi.shape[-1]
     valid = run_hi != NO_SLASH
-    counts = torch.where(valid, (run_hi - run_lo + block_m + block_n - 1) // block_n, 0).flatten()
-    per_head = counts.view(heads, runs).sum(1)
-    width = max(1, int(per_head.max()) if heads else 0)
-    run_of_tile = torch.repeat_interleave(
-        torch.arange(counts.numel(), device=counts.device), counts
-    )
-    tile = torch.arange(run_of_tile.numel(), device=counts.device)
-    within = tile - (counts.cumsum(0) - counts)[run_of_tile]
-    head = run_of_tile // max(runs, 1)
-    slot = tile - (per_head.cumsum(0) - per_head)[head]
-    tile_o = torch.full((heads, width), NO_TILE, dtype=torch.int32, device=counts.device)
-    tile_e = torch.full_like(tile_o, NO_TILE)
-    tile_o[head, slot] = (run_hi.flatten()[run_of_tile] - within * block_n).int()
-    tile_e[head, slot] = run_lo.flatten()[run_of_tile].int()
+    counts = torch.where(valid, (run_hi - run_lo + block_m + block_n - 1) // block_n, 0)
+    width = max(1, runs * -(-block_m // block_n))
+    ends = counts.cumsum(-1)  # [..., G]
+    slot = torch.arange(width, device=run_hi.device).expand(*run_hi.shape[:-1], width)
+    run = torch.searchsorted(ends, slot.contiguous(), right=True).clamp(max=max(runs - 1, 0))
+    within = slot - (ends.gather(-1, run) - counts.gather(-1, run))
+    live = slot < ends[..., -1:]
+    tile_o = torch.where(live, run_hi.gather(-1, run) - within * block_n, NO_TILE).int()
+    tile_e = torch.where(live, run_lo.gather(-1, run), NO_TILE).int()
     return tile_o, tile_e
 
 
 def visible_tiles(
-    tile_o: Tensor, tile_e: Tensor, m0: Tensor, lo: int, hi_eff: Tensor, block_m: int, block_n: int
+    tile_o: Tensor,
+    tile_e: Tensor,
+    m0: Tensor,
+    lo: Tensor,
+    hi_eff: Tensor,
+    block_m: int,
+    block_n: int,
 ) -> Tensor:
-    """[H, NB, 2] int32: the tiles whose keys meet [lo, hi_eff) for each block.
+    """[P, H, NB, 2] int32: the tiles whose keys meet [lo, hi_eff) for each block (lo [P, 1],
+    hi_eff [P, NB] per part).
 
     Tile k spans [m0 - o_k, min(m0 - o_k + BN, m0 + BM - e_k)); both ends rise with k.
     """
-    heads = tile_o.shape[0]
+    heads = tile_o.shape[1]
     neg_o, neg_e = (-tile_o.long()).contiguous(), (-tile_e.long()).contiguous()
-    ask = lambda seq, v, right: torch.searchsorted(
-        seq, v.expand(heads, -1).contiguous(), right=right
-    )
-    first = torch.maximum(
-        ask(neg_o, (lo - m0 - block_n)[None], True), ask(neg_e, (lo - m0 - block_m)[None], True)
-    )
-    last = torch.maximum(ask(neg_o, (hi_eff - m0)[None], False), first)
+
+    def ask(seq: Tensor, v: Tensor, right: bool) -> Tensor:  # v [P, NB] -> [P, H, NB]
+        return torch.searchsorted(seq, v[:, None].expand(-1, heads, -1).contiguous(), right=right)
+
+    first = torch.maximum(ask(neg_o, lo - m0 - block_n, True), ask(neg_e, lo - m0 - block_m, True))
+    last = torch.maximum(ask(neg_o, hi_eff - m0, False), first)
     return torch.stack([first, last], dim=-1).int()
-
-
-def covered_offsets(run_hi: Tensor, run_lo: Tensor, block_m: int, size: int) -> Tensor:
-    """[H, size] bool: entry y is True when the column v = m0 + BM - y lies in a run of the
-    block at m0, i.e. m0 - d_hi <= v < m0 + BM - d_lo, i.e. d_lo < y <= d_hi + BM."""
-    one = (run_hi != NO_SLASH).int()
-    diff = torch.zeros((run_hi.shape[0], size + 1), dtype=torch.int32, device=run_hi.device)
-    diff.scatter_add_(1, (run_lo + 1).clamp(0, size), one)
-    diff.scatter_add_(1, (run_hi + block_m + 1).clamp(0, size), -one)
-    return diff[:, :size].cumsum(1) > 0
 
 
 def block_columns(
@@ -211,65 +206,78 @@ def block_columns(
     run_hi: Tensor,
     run_lo: Tensor,
     m0: Tensor,
-    lo: int,
+    lo: Tensor,
     hi_eff: Tensor,
     block_m: int,
+    m0_last: int,
 ) -> tuple[Tensor, Tensor]:
-    """Columns [H, NB, V] int32 (sorted, compacted) and counts [H, NB] int32: the selected
-    columns in [lo, hi_eff) that no slash run of the block covers (duplicates dropped)."""
-    heads, width = vertical.shape
-    cols = torch.where(vertical == NO_COLUMN, _BIG, vertical).sort(dim=1).values  # [H, V]
+    """Columns [P, H, NB, V] int32 (sorted, compacted) and counts [P, H, NB] int32: the
+    selected columns in [lo, hi_eff) that no slash run of the block covers (duplicates
+    dropped). Column v of the block at m0 lies in run [d_lo, d_hi] when
+    d_lo < y <= d_hi + BM, y = m0 + BM - v; the runs' intervals are disjoint and fall with the
+    run index, so one binary search finds the only run that can hold it."""
+    parts, heads, width = vertical.shape
+    cols = torch.where(vertical == NO_COLUMN, _BIG, vertical).sort(dim=-1).values  # [P, H, V]
     dup = torch.zeros_like(cols, dtype=torch.bool)
-    dup[:, 1:] = cols[:, 1:] == cols[:, :-1]
+    dup[..., 1:] = cols[..., 1:] == cols[..., :-1]
     cols = torch.where(dup, _BIG, cols)  # still ascending among the columns kept
-    size = (int(m0.max()) if m0.numel() else lo) - lo + block_m + 1
-    covered = covered_offsets(run_hi, run_lo, block_m, size)
-    step = max(1, COLUMN_ELEMENTS // max(1, heads * width))
+    reach = (-(run_hi + block_m)).contiguous()  # ascending: d_hi + BM falls with the index
+    step = max(1, COLUMN_ELEMENTS // max(1, parts * heads * width))
     outs, counts = [], []
     for b0 in range(0, m0.numel(), step):
         b1 = min(b0 + step, m0.numel())
-        out, count = _columns_slice(cols, covered, m0[b0:b1], lo, hi_eff[b0:b1], block_m)
+        out, count = _columns_slice(cols, reach, run_lo, m0[b0:b1], lo, hi_eff[:, b0:b1], block_m)
         outs.append(out)
         counts.append(count)
-    return torch.cat(outs, 1), torch.cat(counts, 1)
+    return torch.cat(outs, 2), torch.cat(counts, 2)
 
 
 def _columns_slice(
-    cols: Tensor, covered: Tensor, m0: Tensor, lo: int, hi_eff: Tensor, block_m: int
+    cols: Tensor,
+    reach: Tensor,
+    run_lo: Tensor,
+    m0: Tensor,
+    lo: Tensor,
+    hi_eff: Tensor,
+    block_m: int,
 ) -> tuple[Tensor, Tensor]:
-    heads, width = cols.shape
+    parts, heads, width = cols.shape
     nb = m0.numel()
-    v = cols[:, None, :]  # [H, 1, V]
-    y = (m0[None, :, None] + block_m - v).clamp(0, covered.shape[1] - 1)  # [H, nb, V]
-    hit = covered.gather(1, y.view(heads, -1)).view(heads, nb, width)
-    keep = (v >= lo) & (v < hi_eff[None, :, None]) & ~hit
+    v = cols[:, :, None, :]  # [P, H, 1, V]
+    y = m0[None, None, :, None] + block_m - v  # [P, H, nb, V]
+    at = torch.searchsorted(reach, (-y).flatten(2).contiguous(), right=True) - 1
+    at = at.clamp(min=0)
+    hit = (reach.gather(-1, at) <= -y.flatten(2)) & (run_lo.gather(-1, at) < y.flatten(2))
+    hit = hit.view(parts, heads, nb, width)
+    keep = (v >= lo[:, :, None, None]) & (v < hi_eff[:, None, :, None]) & ~hit
     slot = torch.where(keep, keep.cumsum(-1) - 1, width)
-    out = torch.zeros((heads, nb, width + 1), dtype=torch.int32, device=cols.device)
-    out.scatter_(2, slot, v.expand(heads, nb, width).int())
+    out = torch.zeros((parts, heads, nb, width + 1), dtype=torch.int32, device=cols.device)
+    out.scatter_(-1, slot, v.expand(parts, heads, nb, width).int())
     return out[..., :width], keep.sum(-1).int()
 
 
 def add_fallback(
-    columns: Tensor, count: Tensor, empty: Tensor, part: SparsePart, m0: Tensor
+    columns: Tensor, count: Tensor, empty: Tensor, parts: Sequence[SparsePart], m0: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Blocks that see no key of the part get evenly spaced columns among the keys every
-    row of the block sees (up to FALLBACK_COLUMNS)."""
-    hi_all = (
-        torch.clamp(m0 + 1, max=part.key_hi) if part.causal else torch.full_like(m0, part.key_hi)
-    )
-    size = (hi_all - part.key_lo).clamp(min=0)  # [NB]
-    empty = empty & (size > 0)[None, :]
-    if not bool(empty.any()):
-        return columns, count
+    """Blocks that see no key of their part get evenly spaced columns among the keys every
+    row of the block sees (up to FALLBACK_COLUMNS). Applied whether or not a block is empty:
+    asking would synchronise with the device."""
+    dev = m0.device
+    rows = [[p.key_lo, p.key_hi, int(p.causal)] for p in parts]
+    info = host_tensor(rows, dev, torch.int64)
+    key_lo, key_hi, causal = info[:, 0:1], info[:, 1:2], info[:, 2:3] != 0
+    hi_all = torch.where(causal, torch.minimum(m0[None] + 1, key_hi), key_hi)  # [P, NB]
+    size = (hi_all - key_lo).clamp(min=0)
+    empty = empty & (size > 0)[:, None, :]
     if columns.shape[-1] < FALLBACK_COLUMNS:
         columns = torch.nn.functional.pad(columns, (0, FALLBACK_COLUMNS - columns.shape[-1]))
-    n = size.clamp(max=FALLBACK_COLUMNS)  # [NB]
-    i = torch.arange(FALLBACK_COLUMNS, device=m0.device)
-    spread = part.key_lo + (i[None, :] * size[:, None]) // n.clamp(min=1)[:, None]  # [NB, F]
+    n = size.clamp(max=FALLBACK_COLUMNS)  # [P, NB]
+    i = torch.arange(FALLBACK_COLUMNS, device=dev)
+    spread = key_lo[..., None] + (i * size[..., None]) // n.clamp(min=1)[..., None]  # [P, NB, F]
     fill = columns.clone()
-    fill[..., :FALLBACK_COLUMNS] = spread.int()[None]
+    fill[..., :FALLBACK_COLUMNS] = spread.int()[:, None]
     columns = torch.where(empty[..., None], fill, columns)
-    count = torch.where(empty, n.int()[None, :], count)
+    count = torch.where(empty, n.int()[:, None, :], count)
     return columns, count
 
 

@@ -1,8 +1,10 @@
 """kv_cache_dtype="fp8" through the whole engine on tiny transformers Qwen2 models (CPU).
 
 1. Exactness of the path: the engine with an fp8 cache equals transformers' Qwen2 whose keys
-   (after RoPE) and values are quantized and dequantized per (token, head) the same way, so
-   attention over the fp8 cache is attention over the dequantized values and nothing else.
+   (after RoPE, relative to each layer's zero point: the k bias rotated and averaged over the
+   cached positions, computed here with transformers' own RoPE) and values are quantized and
+   dequantized per (token, head) the same way, so attention over the fp8 cache is attention
+   over the dequantized values and nothing else.
 2. Accuracy against kv_cache_dtype="auto" (float32 cache) on the torch and DCA backends.
 3. Capacity: the same kv_cache_gib holds 2 D / (D + 4) times the tokens of a 16-bit cache.
 4. An unknown kv_cache_dtype is refused with a ConfigError naming it.
@@ -37,22 +39,45 @@ def prompt_lps(out, ids) -> list[float]:
     return [out.prompt_logprobs[p][ids[p]] for p in range(1, len(ids))]
 
 
-def fake_quant(x: torch.Tensor) -> torch.Tensor:
-    return dequantize_fp8(*quantize_fp8(x), x.dtype)
+def fake_quant(x: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
+    return dequantize_fp8(*quantize_fp8(x, zero), x.dtype, zero)
+
+
+def hf_zero_points(hf, num_positions: int) -> torch.Tensor:
+    """[layers, Hkv, 1, D]: each layer's k bias rotated by transformers' RoPE at every
+    position in [0, num_positions) and averaged (brute force, float64)."""
+    cfg = hf.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    hkv = cfg.num_key_value_heads
+    pos = torch.arange(num_positions)[None]
+    cos, sin = hf.model.rotary_emb(torch.zeros(1, dtype=torch.float64), pos)
+    zeros = []
+    for layer in hf.model.layers:
+        b = layer.self_attn.k_proj.bias.detach().double().view(1, hkv, 1, d)
+        b = b.expand(1, hkv, num_positions, d)
+        _, rotated = modeling_qwen2.apply_rotary_pos_emb(b, b, cos.double(), sin.double())
+        zeros.append(rotated.mean(dim=2, keepdim=True)[0].float())
+    return torch.stack(zeros)
 
 
 @pytest.fixture
 def hf_fp8_kv(monkeypatch):
-    """transformers' Qwen2 with fp8 quantize-dequantize of rotated keys and of values."""
+    """transformers' Qwen2 with fp8 quantize-dequantize of rotated keys (relative to the zero
+    points) and of values. Call with the model and the number of cached key positions."""
     rope = modeling_qwen2.apply_rotary_pos_emb
+    state = {}
 
     def rope_then_quantize(q, k, cos, sin, *args, **kwargs):
         q, k = rope(q, k, cos, sin, *args, **kwargs)
-        return q, fake_quant(k)  # [B, Hkv, T, D]: one scale per (token, head)
+        zeros = state["zeros"]
+        layer = state["calls"] % len(zeros)  # one call per layer, in order
+        state["calls"] += 1
+        return q, fake_quant(k, zeros[layer])  # [B, Hkv, T, D]: one scale per (token, head)
 
-    monkeypatch.setattr(modeling_qwen2, "apply_rotary_pos_emb", rope_then_quantize)
+    def quantize_values(model, num_positions: int):
+        state.update(zeros=hf_zero_points(model, num_positions), calls=0)
+        monkeypatch.setattr(modeling_qwen2, "apply_rotary_pos_emb", rope_then_quantize)
 
-    def quantize_values(model):
         def hook(module, args, out):  # [B, T, Hkv * D]
             d = model.config.hidden_size // model.config.num_attention_heads
             return fake_quant(out.unflatten(-1, (-1, d))).flatten(-2)
@@ -73,7 +98,8 @@ def test_engine_equals_transformers_with_quantized_kv(hf_fp8_kv, backend):
     llm = make_llm(hf, "fp8", attention_backend=backend, dca=dca)
     prompts = random_prompts([17, 48, 100])
     outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
-    handles = hf_fp8_kv(hf)
+    positions = dca.chunk_len if dca else hf.config.max_position_embeddings
+    handles = hf_fp8_kv(hf, positions)
     try:
         for ids, out in zip(prompts, outs, strict=True):
             ref = hf_logprobs(hf, ids)
@@ -139,7 +165,8 @@ def test_capacity_doubles_for_a_16_bit_model():
     cache = fp8.kv_caches[0]
     assert cache.k.dtype == FP8_DTYPE and cache.k_scale.dtype == torch.float32
     assert cache.k_scale.shape == cache.k.shape[:3] == cache.v_scale.shape
-    assert kv_cache_bytes(fp8.kv_caches) <= 0.05 * 2**30 + 2 * 16 * 2 * 2 * (d + 4)
+    zero_points = 2 * 2 * d * 4  # float32 [layers, Hkv, D]
+    assert kv_cache_bytes(fp8.kv_caches) <= 0.05 * 2**30 + 2 * 16 * 2 * 2 * (d + 4) + zero_points
 
 
 def test_one_million_tokens_of_the_7b_model():
@@ -152,9 +179,10 @@ def test_one_million_tokens_of_the_7b_model():
     assert bf16 == 2 * 28 * 4 * 128 * 2 * tokens
     assert fp8 == 2 * 28 * 4 * (128 + 4) * tokens
     assert bf16 / 2**30 == 56.0 and round(fp8 / 2**30, 1) == 28.9
-    # the allocation holds what kv_bytes_per_token counts
+    # the allocation holds what kv_bytes_per_token counts, and the keys' zero points
     caches = allocate_kv_caches(cfg, 2, 64, FP8_DTYPE, torch.device("meta"))
-    assert kv_cache_bytes(caches) == kv_bytes_per_token(cfg, FP8_DTYPE) * 2 * 64
+    zero_points = 28 * 4 * 128 * 4
+    assert kv_cache_bytes(caches) == kv_bytes_per_token(cfg, FP8_DTYPE) * 2 * 64 + zero_points
 
 
 @pytest.mark.parametrize("name", ["int8", "fp16", "FP8", "fp8_e5m2"])

@@ -11,12 +11,15 @@ from longctx.layers.attention.kv_quant import (
     FP8_DTYPE,
     FP8_MAX,
     dequantize_fp8,
+    key_zero_points,
     load_blocks,
     load_rows,
     quantize_fp8,
+    rope_mean,
     store_rows,
 )
 from longctx.layers.attention.torch_backend import gather_kv, gather_slots, write_kv
+from longctx.layers.rotary import RotaryEmbedding
 
 REL = 2.0**-4  # e4m3: 3 mantissa bits, round to nearest -> relative error <= 2^-4
 SUB = 2.0**-10  # half the subnormal spacing 2^-9, in units of the row scale
@@ -96,11 +99,11 @@ def test_values_past_e4m3_range_do_not_overflow():
     assert y[0, 1] == pytest.approx(-3e5, rel=2.0**-4)
 
 
-def _fp8_cache(blocks: int, page: int, hkv: int, d: int) -> KVCache:
+def _fp8_cache(blocks: int, page: int, hkv: int, d: int, zero=None) -> KVCache:
     """An fp8 cache with NaN scales, so a row never written shows up as NaN."""
     k = torch.zeros(blocks, page, hkv, d, dtype=FP8_DTYPE)
     scales = [torch.full((blocks, page, hkv), float("nan")) for _ in range(2)]
-    return KVCache(k=k, v=k.clone(), k_scale=scales[0], v_scale=scales[1])
+    return KVCache(k=k, v=k.clone(), k_scale=scales[0], v_scale=scales[1], k_zero=zero)
 
 
 def test_cache_helpers_write_and_read_back():
@@ -135,3 +138,54 @@ def test_plain_cache_helpers_unchanged():
     store_rows(cache, None, slots, x)
     assert torch.equal(load_rows(cache, None, slots, torch.float16), x)  # as stored
     assert torch.equal(load_blocks(cache, None, torch.tensor([0, 2]), 5, torch.float16), x)
+
+
+@pytest.mark.parametrize("positions", [1, 7, 960, 32768, 10**6])
+def test_rope_mean_equals_brute_force(positions):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2, 64, generator=g) * 50
+    rope = RotaryEmbedding(64, 1e6)
+    pos = torch.arange(min(positions, 40000))
+    if positions > 40000:  # brute force over a strided sample is not exact: check the slow half
+        pos = torch.arange(positions)
+    rotated = torch.stack([rope.apply(x[i : i + 1].expand(len(pos), 2, 64), pos) for i in range(3)])
+    brute = rotated.double().mean(dim=1)
+    got = rope_mean(x, 1e6, positions)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    torch.testing.assert_close(got.double(), brute, atol=2e-4 * 50, rtol=0)
+
+
+def test_zero_points_follow_low_frequency_bias():
+    """Low-frequency channels (the last of each half) keep their bias; the fastest-rotating
+    pair averages out over many positions."""
+    bias = torch.zeros(1, 64)
+    bias[0, 31], bias[0, 63], bias[0, 0], bias[0, 32] = 145.0, -30.0, 80.0, 40.0
+    z = key_zero_points(bias, 1e6, 32768)
+    # channel 63 rotates with 31 by up to 0.05 rad over 32768 positions: 145 * ~0.025 mixes in
+    assert z[0, 31] == pytest.approx(145.0, rel=0.01) and abs(z[0, 63] + 30.0) < 5.0
+    assert abs(z[0, 0]) < 0.05 and abs(z[0, 32]) < 0.05
+
+
+def test_zero_point_cache_helpers():
+    """Keys stored relative to a zero point read back as stored * scale + zero; values have
+    none. Outlier keys near the zero point keep far more precision than without it."""
+    g = torch.Generator().manual_seed(6)
+    page, hkv, d, length = 4, 2, 16, 10
+    zero = torch.zeros(hkv, d)
+    zero[:, 3] = 145.0
+    cache = _fp8_cache(6, page, hkv, d, zero)
+    table = torch.tensor([5, 1, 3])
+    k = torch.randn(length, hkv, d, generator=g) * 0.5 + zero
+    v = torch.randn(length, hkv, d, generator=g)
+    pos = torch.arange(length)
+    slots = table[pos // page] * page + pos % page
+    write_kv(cache, k, v, slots)
+    gk, gv = gather_kv(cache, table, length, torch.float32)
+    kq, ks = quantize_fp8(k, zero)
+    assert torch.equal(gk, dequantize_fp8(kq, ks, torch.float32, zero))
+    assert torch.equal(gv, dequantize_fp8(*quantize_fp8(v)))
+    sk, _ = gather_slots(cache, slots[None, [9, 0]], torch.float64)
+    assert torch.equal(sk[0], gk[[9, 0]].double())
+    with_zero = (gk - k).abs().max()
+    without = (dequantize_fp8(*quantize_fp8(k)) - k).abs().max()
+    assert with_zero < 0.05 < without

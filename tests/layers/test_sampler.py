@@ -71,3 +71,15 @@ def test_mixed_logprob_widths_keep_each_rows_own_n():
     assert res.logprobs[1] is None
     assert set(res.logprobs[0]) == set(ref[0].topk(5).indices.tolist())
     assert set(res.logprobs[2]) == {int(ref[2].argmax())}
+
+
+@pytest.mark.parametrize(
+    "temperature,top_p", [(4.9e-147, 1.0), (1e-300, 0.5), (1.0, 5e-324), (1e-320, 5e-324)]
+)
+def test_extreme_temperature_and_top_p_still_sample_the_top_token(temperature, top_p):
+    # Found by fuzzing the server: these underflow float32 (softmax of inf, an empty nucleus).
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    probs = _filtered_probs(logits, SamplingParams(temperature=temperature, top_p=top_p))
+    assert torch.isfinite(probs).all() and probs.argmax().item() == 1
+    req = SampleRequest(SamplingParams(temperature=temperature, top_p=top_p), gen(0))
+    assert sample(logits[None], [req]).result().token_ids == [1]

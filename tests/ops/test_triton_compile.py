@@ -159,7 +159,7 @@ def _signature(fn, ptrs: dict, ints: dict, floats: tuple, dtype: str, fp8: bool 
     kv = "fp8e4nv" if fp8 else dtype
     ptrs = {"Q": f"*{dtype}", "K": f"*{kv}", "V": f"*{kv}", "Out": f"*{dtype}", **ptrs}
     if fp8:
-        ptrs.update(K_SCALE="*fp32", V_SCALE="*fp32")
+        ptrs.update(K_SCALE="*fp32", V_SCALE="*fp32", K_ZERO="*fp32")
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in ptrs:
@@ -186,7 +186,7 @@ def _compile_case(case: dict) -> dict:
     pd = importlib.import_module("longctx.ops.triton.paged_decode")
 
     d, dtype, fp8 = case["d"], case["dtype"], case.get("fp8", False)
-    scales = {} if fp8 else dict(K_SCALE=None, V_SCALE=None)  # None: no fp8 cache
+    scales = {} if fp8 else dict(K_SCALE=None, V_SCALE=None, K_ZERO=None)  # None: no fp8 cache
     if case["kernel"] == "prefill":
         itemsize = 4 if dtype == "fp32" else 2
         cfg = fp.prefill_config(d, case["page"] if case["paged"] else None, itemsize)

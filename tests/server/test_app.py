@@ -129,10 +129,11 @@ def test_health_and_metrics_need_no_key(client):
         ({"prompt": IDS, "max_tokens": 0}, "max_tokens"),
         ({"prompt": IDS, "temperature": -1}, "temperature"),
         ({"prompt": IDS, "top_p": 0}, "top_p"),
-        ({"prompt": IDS, "n": 2}, "n"),
-        ({"prompt": IDS, "echo": True}, "echo"),
+        ({"prompt": IDS, "n": 0}, "n"),
         ({"prompt": IDS, "logprobs": 21}, "logprobs"),
-        ({"prompt": IDS, "presence_penalty": 0.5}, "presence_penalty"),
+        ({"prompt": IDS, "presence_penalty": 2.5}, "presence_penalty"),
+        ({"prompt": IDS, "logit_bias": {"7": 101}}, "logit_bias"),
+        ({"prompt": IDS, "logit_bias": {"1000": 1}}, None),  # outside the vocabulary
         ({"prompt": [], "max_tokens": 1}, "prompt"),
         ({"prompt": {"a": 1}}, None),
         ({"prompt": [1, 10_000]}, "prompt"),  # outside the vocabulary

@@ -37,6 +37,8 @@ def test_help_documents_the_server_flags():
         "--served-model-name",
         "--max-model-len",
         "--dca-chunk-size",
+        "--allowed-origins",
+        "--chat-parse-special-tokens",
     ):
         assert flag in out
 
@@ -53,6 +55,7 @@ def test_a_taken_port_fails_before_loading_the_model():
     [
         (["--max-request-bytes", "0"], {}, "--max-request-bytes"),
         ([], {"LONGCTX_API_KEY": " "}, "API key"),
+        (["--allowed-origins", "app.example"], {}, "scheme://host"),
     ],
 )
 def test_bad_flags(args, env, word):

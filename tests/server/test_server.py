@@ -302,7 +302,7 @@ def test_malformed_requests_get_openai_errors(http):
     assert error_of(http.post("/v1/completions", content=b"{oops"), 400)["code"] == "invalid_json"
     assert error_of(http.post("/v1/completions", json={"max_tokens": 3}), 400)["param"] == "prompt"
     assert error_of(http.post("/v1/chat/completions", json={"messages": "hi"}), 400)
-    n2 = http.post("/v1/completions", json={"prompt": "hi", "n": 2})
+    n2 = http.post("/v1/completions", json={"prompt": "hi", "n": 0})
     assert error_of(n2, 400)["param"] == "n"
 
 
@@ -310,7 +310,7 @@ def test_openai_client_sees_typed_errors(client, name):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="hi", max_tokens=1)
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=name, prompt="hi", max_tokens=1, n=2)
+        client.completions.create(model=name, prompt="hi", max_tokens=1, n=0)
     bad_key = client.with_options(api_key="wrong")
     with pytest.raises(openai.AuthenticationError):
         bad_key.completions.create(model=name, prompt="hi", max_tokens=1)

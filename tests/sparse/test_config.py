@@ -110,6 +110,7 @@ def _args(**kw):
         sparse_threshold=None,
         sparse_last_q=None,
         sparse_dca_budget=None,
+        sparse_slash_unit=None,
     )
     return types.SimpleNamespace(**{**base, **kw})
 
@@ -121,7 +122,12 @@ def test_cli_flags(tmp_path):
     assert (cfg.threshold, cfg.last_q, cfg.dca_budget) == (100, 4, "shared")
     cfg = sparse_from_args(_args(sparse_config="default", sparse_dca_budget="per_part"))
     assert cfg.dca_budget == "per_part"
+    assert cfg.slash_unit == "tile"  # the engine's default: budgets in kernel tiles
+    cfg = sparse_from_args(_args(sparse_config="default", sparse_slash_unit="diagonal"))
+    assert cfg.slash_unit == "diagonal"
     with pytest.raises(ConfigError, match="dca_budget must be one of shared, per_part"):
         SparseConfig(dca_budget="each")
+    with pytest.raises(ConfigError, match="slash_unit must be one of tile, diagonal"):
+        SparseConfig(slash_unit="lines")
     with pytest.raises(ConfigError, match="exclude"):
         sparse_from_args(_args(no_sparse=True, sparse_config="default"))

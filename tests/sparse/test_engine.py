@@ -57,20 +57,28 @@ def test_dca_full_budget_matches_dense_dca(hf):
         assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < TOL
 
 
+@pytest.fixture(scope="module")
+def hf_one_layer():
+    return tiny_hf_model(seed=5, num_hidden_layers=1)
+
+
 @pytest.mark.parametrize("kernel", [False, True], ids=["cpu-reference", "triton-kernel"])
-def test_fp8_cache_full_budget_matches_dense_dca(hf, monkeypatch, kernel):
+def test_fp8_cache_full_budget_matches_dense_dca(hf_one_layer, monkeypatch, kernel):
     """An fp8 cache: estimation and attention read the dequantized keys/values (the CPU
     reference path), or the Triton kernel reads fp8 tiles with their scales (the CUDA path,
-    under the interpreter); both equal the dense DCA backend over the same fp8 cache. Up to
-    float32 rounding, which in an fp8 cache can move a later layer's key across an e4m3
-    rounding boundary: measured max |logprob diff| 1.2e-5 (reference path) and 5.5e-4 (kernel
-    path; the two backends agree to 6e-7 given identical inputs)."""
+    under the interpreter); both equal the dense DCA backend over the same fp8 cache.
+
+    One layer, so both engines write bit-identical fp8 caches: with more layers a float32
+    rounding difference in layer 0's output can move a later layer's key across an e4m3
+    rounding boundary, and that step (~6% of a key element) then moves logprobs by ~1e-3
+    depending on the platform's float kernels (CI saw 2.4e-3 where this machine saw 5e-4)."""
     if kernel:
         monkeypatch.setattr(SparsePrefill, "uses_kernel", lambda self, device: True)
     dca = DCAConfig(chunk_size=96, local_size=16, original_max_position_embeddings=64)
     prompts = random_prompts([60, 250], seed=3)
+    hf = hf_one_layer
     sparse = prompt_logprobs(make_llm(hf, FULL, dca, kv="fp8"), prompts, max_tokens=6)
     dense = prompt_logprobs(make_llm(hf, False, dca, kv="fp8"), prompts, max_tokens=6)
     assert sparse[1] == dense[1]
     for a, b in zip(sparse[0], dense[0], strict=True):
-        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 2e-3
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < TOL

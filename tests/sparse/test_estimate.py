@@ -168,3 +168,116 @@ def test_diagonal_sums_against_loops(rows, width):
             for t in range(width):
                 want[g, i - t + width - 1] += probs[g, i, t]
     torch.testing.assert_close(got, want)
+
+
+# --- slash budgets in kernel tiles ---------------------------------------------------------
+
+
+def pair_count(delta: int, bm: int, bn: int) -> int:
+    return sum(1 for r in range(bm) if 0 <= r - delta < bn)
+
+
+def grid_candidates(scores: dict, bm: int, bn: int, causal: bool) -> dict:
+    """{o: sum_d S(d) n(d - o)} over the BN grid reaching the distances of `scores`."""
+    lowest, last = min(scores), max(scores)
+    g0 = -(-(lowest - bm + 1) // bn) * bn
+    if causal:
+        g0 = max(g0, 0)
+    out = {}
+    o = g0
+    while o <= last + bn - 1:
+        out[o] = sum(x * pair_count(d - o, bm, bn) for d, x in scores.items())
+        o += bn
+    return out
+
+
+def greedy_tiles(forced: list, cands: list, budget: int) -> set:
+    """forced: [(kind, o)] kept first; cands: [(density, cost, kind, o)]."""
+    picked, spent = set(), 0
+    ranked = [(float("inf"), 1, k, o) for k, o in forced]
+    ranked += sorted((c for c in cands if c[0] > 0), key=lambda c: -c[0])
+    for _, cost, kind, o in ranked:
+        if spent + cost > budget:
+            break
+        spent += cost
+        picked.add((kind, o))
+    return picked
+
+
+def brute_tiles(want, parts, h, ssize, bm, bn, shared, local):
+    tiles = -(-ssize // bn)
+    if not shared:
+        out = []
+        for pi, part in enumerate(parts):
+            scores = want[pi][h][1]
+            grid = grid_candidates(scores, bm, bn, part.causal)
+            reach = min(scores) + local + bn - 2
+            forced = [("p", o) for o in sorted(grid) if o <= reach]
+            cands = [(w, 1, "p", o) for o, w in grid.items() if ("p", o) not in forced]
+            out.append({o for _, o in greedy_tiles(forced, cands, tiles)})
+        return out
+    line = {}
+    for pi, part in enumerate(parts):
+        if not part.fold:
+            for d, x in want[pi][h][1].items():
+                line[d] = line.get(d, 0.0) + x
+    grid = grid_candidates(line, bm, bn, True)
+    reach = min(line) + local + bn - 2
+    forced = [("line", o) for o in sorted(grid) if o <= reach]
+    cands = [(w, 1, "line", o) for o, w in grid.items() if ("line", o) not in forced]
+    for pi, part in enumerate(parts):
+        if part.fold:
+            m = part.num_keys // part.fold
+            fold = grid_candidates(want[pi][h][1], bm, bn, False)
+            cands += [(w / m, m, "inter", o) for o, w in fold.items()]
+    picked = greedy_tiles(forced, cands, tiles)
+    return [
+        {o for kind, o in picked if kind == ("inter" if part.fold else "line")} for part in parts
+    ]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("blocks", [(8, 8), (8, 4), (4, 8)])
+def test_tile_budget_matches_brute_force(monkeypatch, shared, blocks):
+    """Slash budgets in kernel tiles: grid points k BN scored by the pairs a BM x BN tile at
+    that distance covers, the tiles of the nearest diagonals forced, folded inter tiles at
+    cost m, greedy by score / cost; columns as in the diagonal unit. Plain and DCA segments."""
+    from longctx.sparse import estimate
+
+    local = 10
+    monkeypatch.setattr(estimate, "LOCAL_DIAGONALS", local)
+    monkeypatch.setattr(estimate, "SINK_COLUMNS", 5)
+    bm, bn = blocks
+    vsizes, ssizes = [35, 3, 64, 0], [110, 9, 1, 300]
+    keys = randn(250, HKV, D, seed=7)
+    seen = set()
+    for dca, q_start in ((None, 170), (DCA, 100)):
+        for seg_start, seg_end, parts in segments(q_start, 250, dca):
+            rows = 6
+            q_sel = randn(len(parts), rows, HQ, D, seed=seg_start + 11)
+            est = seg_end - rows
+            got = estimate_indices(
+                q_sel, keys[:seg_end], parts, est, vsizes, ssizes, scale=SCALE,
+                shared_budget=shared, unit="tile", blocks=blocks,
+            )  # fmt: skip
+            want = brute_scores(q_sel, keys, parts, est)
+            seen.add(len(parts))
+            for h in range(HQ):
+                tiles = brute_tiles(want, parts, h, ssizes[h], bm, bn, shared, local)
+                if shared and len(parts) > 1:
+                    every = {j: x for pi in range(len(parts)) for j, x in want[pi][h][0].items()}
+                    cols = brute_top(every, [j for j in sorted(every) if j < 5], vsizes[h])
+                    got_cols = set()
+                for pi, part in enumerate(parts):
+                    mine = {int(c) for c in got[pi].vertical[h] if c != NO_COLUMN}
+                    if shared and len(parts) > 1:
+                        got_cols |= mine
+                    else:
+                        vert = want[pi][h][0]
+                        sinks = [j for j in vert if j - part.key_lo < 5]
+                        assert mine == brute_top(vert, sinks, vsizes[h]), (pi, h)
+                    dists = {int(d) for d in got[pi].slash[h] if d != NO_SLASH}
+                    assert dists == tiles[pi], (seg_start, pi, h, blocks)
+                if shared and len(parts) > 1:
+                    assert got_cols == cols, h
+    assert seen == {1, 2, 3}

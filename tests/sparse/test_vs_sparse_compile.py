@@ -39,7 +39,7 @@ def _compile(d: int, parts: int, fp8: bool = False) -> dict:
     kv = "*fp8e4nv" if fp8 else "*bf16"
     ptrs = {"Q": "*bf16", "K": kv, "V": kv, "Out": "*bf16", **_PTRS}
     if fp8:
-        ptrs.update(K_SCALE="*fp32", V_SCALE="*fp32")
+        ptrs.update(K_SCALE="*fp32", V_SCALE="*fp32", K_ZERO="*fp32")
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in ptrs:
@@ -55,7 +55,7 @@ def _compile(d: int, parts: int, fp8: bool = False) -> dict:
         PAGE_SIZE=64, UPCAST=False, DOT_PREC="tf32", KV_FP8=fp8,
     )  # fmt: skip
     if not fp8:
-        const.update(K_SCALE=None, V_SCALE=None)
+        const.update(K_SCALE=None, V_SCALE=None, K_ZERO=None)
     opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     kernel = triton.compile(ASTSource(fn, sig, const, attrs), GPUTarget("cuda", 90, 32), opts)
     return dict(shared=kernel.metadata.shared)

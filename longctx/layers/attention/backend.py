@@ -23,6 +23,7 @@ layout, plus float32 scales k_scale / v_scale [num_blocks, block_size, num_kv_he
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +35,14 @@ from longctx.layers.rotary import RotaryEmbedding
 @dataclass(frozen=True)
 class KVCache:
     """One layer's paged cache: k, v [num_blocks, block_size, num_kv_heads, head_dim]; for an
-    fp8 cache also k_scale, v_scale [num_blocks, block_size, num_kv_heads] float32."""
+    fp8 cache also k_scale, v_scale [num_blocks, block_size, num_kv_heads] float32 and the
+    keys' zero point k_zero [num_kv_heads, head_dim] float32 (key = stored * scale + zero)."""
 
     k: torch.Tensor
     v: torch.Tensor
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
+    k_zero: torch.Tensor | None = None
 
     @property
     def block_size(self) -> int:
@@ -103,6 +106,8 @@ class ForwardContext:
     backend: AttentionBackend
     meta: AttentionMetadata
     kv_caches: tuple[KVCache, ...]
+    # Called before each layer (the runner's abort check during prefill; it may raise).
+    before_layer: Callable[[], None] | None = None
 
 
 class AttentionBackend(ABC):

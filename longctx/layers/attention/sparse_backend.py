@@ -44,9 +44,16 @@ from longctx.layers.attention.kv_quant import load_blocks
 from longctx.layers.attention.torch_backend import gather_kv, write_kv
 from longctx.layers.rotary import RotaryEmbedding, apply_rotary
 from longctx.ops.dca import DCASegment, dca_segments, key_positions, query_positions, yarn_factor
+from longctx.profiling import PhaseTimer, maybe_phase
 from longctx.sparse.config import SparseConfig
 from longctx.sparse.convert import SegmentIndex, convert_indices
-from longctx.sparse.estimate import PartSelection, SparsePart, estimate_indices, segment_parts
+from longctx.sparse.estimate import (
+    PartSelection,
+    SparsePart,
+    estimate_scores,
+    segment_parts,
+    select_indices,
+)
 from longctx.sparse.reference import dense_lse, sparse_attention_reference
 
 Tensor = torch.Tensor
@@ -59,6 +66,18 @@ class RecallRecorder(Protocol):
     def record(self, layer: int, recall: Tensor) -> None:
         """recall [Hq, rows] in [0, 1]: share of each sampled row's attention that the sparse
         pattern kept."""
+
+
+class SelectionOverride(Protocol):
+    def replace(
+        self,
+        layer: int,
+        segment: DCASegment,
+        parts: tuple[SparsePart, ...],
+        sel: list[PartSelection],
+    ) -> list[PartSelection]:
+        """The selections to attend with instead of the estimated ones (benchmarks replay a
+        real model's patterns on random weights; the estimation still runs and is timed)."""
 
 
 class SelectionObserver(Protocol):
@@ -175,23 +194,30 @@ class SparseAttentionBackend(AttentionBackend):
         if not isinstance(meta, SparseMetadata):  # a decode-only step
             return self.dense.forward(q, k, v, cache, meta)
         layer = meta.plan.next_layer()
+        timer = self.prefill.timer
         if meta.dense is not None:
-            return self.dense.forward(q, k, v, cache, meta.dense)
-        write_kv(cache, apply_rotary(k, meta.key_cos, meta.key_sin), v, meta.slot_mapping)
+            with maybe_phase(timer, "attention.dense"):
+                return self.dense.forward(q, k, v, cache, meta.dense)
+        with maybe_phase(timer, "sparse.kv_write"):
+            write_kv(cache, apply_rotary(k, meta.key_cos, meta.key_sin), v, meta.slot_mapping)
         out = torch.empty_like(q)
         if meta.rest is not None:  # it writes its own rows' keys again: the same values
             r = meta.rest_rows
-            out[r] = self.dense.forward(q[r], k[r], v[r], cache, meta.rest)
+            with maybe_phase(timer, "attention.dense"):
+                out[r] = self.dense.forward(q[r], k[r], v[r], cache, meta.rest)
         kernel = self.prefill.uses_kernel(q.device)
         for i, plans in meta.plan.sequences.items():
             table = meta.block_table[i]
             ctx = meta.layout.context_lens[i]
-            keys, values = sequence_kv(cache, table, ctx, not kernel, q.dtype)
+            with maybe_phase(timer, "sparse.key_gather"):
+                keys, values = sequence_kv(cache, table, ctx, not kernel, q.dtype)
             for plan in plans:
-                qr = q[plan.rows]
-                q_parts = torch.stack(
-                    [apply_rotary(qr, plan.q_cos[p], plan.q_sin[p]) for p in range(len(plan.parts))]
-                )
+                with maybe_phase(timer, "sparse.rotate"):
+                    qr = q[plan.rows]
+                    parts = range(len(plan.parts))
+                    q_parts = torch.stack(
+                        [apply_rotary(qr, plan.q_cos[p], plan.q_sin[p]) for p in parts]
+                    )
                 out[plan.rows] = self.prefill.attend(
                     layer, plan, q, q_parts, keys, values, cache, table
                 )
@@ -210,7 +236,8 @@ def sequence_kv(
     if with_values:
         return gather_kv(cache, block_table, length, dtype)
     n = -(-length // cache.block_size)
-    return load_blocks(cache.k, cache.k_scale, block_table[:n], length, dtype), None
+    keys = load_blocks(cache.k, cache.k_scale, block_table[:n], length, dtype, cache.k_zero)
+    return keys, None
 
 
 class SparsePrefill:
@@ -228,8 +255,11 @@ class SparsePrefill:
         sparse.check_model(config.num_layers, config.num_heads)
         self.config, self.sparse, self.scale, self.recorder = config, sparse, scale, recorder
         self.observer = observer
+        self.override: SelectionOverride | None = None
+        self.timer: PhaseTimer | None = None  # per-phase device/host time (benchmarks)
         self._use_kernel = use_kernel
         self._budgets = [sparse.budgets(lyr, config.num_heads) for lyr in range(config.num_layers)]
+        self.first_layer = 0  # a pipeline stage's first layer: its steps count layers from there
 
     def uses_kernel(self, device: torch.device) -> bool:
         """The Triton kernel on CUDA (or when asked: the interpreter, in tests), else the
@@ -245,7 +275,7 @@ class SparsePrefill:
             if qlen > 1 and ctx > self.sparse.threshold:
                 rows = slice(base.query_starts[i], base.query_starts[i + 1])
                 sequences[i] = self._segments(base.positions[rows], ctx - qlen, rows.start, rope)
-        return SparsePlan(sequences, self.config.num_layers)
+        return SparsePlan(sequences, self.config.num_layers, itertools.count(self.first_layer))
 
     def _segments(
         self, positions: Tensor, first: int, row0: int, rope: RotaryEmbedding
@@ -289,29 +319,30 @@ class SparsePrefill:
         )
         vertical, slash = self._budgets[layer]
         seg = plan.segment
-        selections = estimate_indices(
-            q_sel,
-            keys,
-            plan.parts,
-            seg.q_end - q_sel.shape[1],
-            vertical,
-            slash,
-            scale=self.scale,
-            shared_budget=self.sparse.dca_budget == "shared",
-            kernel=self.uses_kernel(q.device),
-        )
+        block_m, block_n = self._blocks(q.device, q.shape[-1])
+        est_pos0 = seg.q_end - q_sel.shape[1]
+        with maybe_phase(self.timer, "sparse.estimate"):
+            scores = estimate_scores(
+                q_sel, keys, plan.parts, est_pos0, scale=self.scale,
+                kernel=self.uses_kernel(q.device),
+            )  # fmt: skip
+        with maybe_phase(self.timer, "sparse.select"):
+            selections = select_indices(
+                scores, plan.parts, est_pos0, q_sel.shape[1], vertical, slash,
+                shared_budget=self.sparse.dca_budget == "shared",
+                unit=self.sparse.slash_unit, blocks=(block_m, block_n),
+            )  # fmt: skip
+        if self.override is not None:
+            selections = self.override.replace(layer, seg, plan.parts, selections)
         if self.observer is not None:
             self.observer.selected(layer, seg, plan.parts, selections)
-        block_m, block_n = self._blocks(q.device, q.shape[-1])
-        index = convert_indices(
-            selections,
-            plan.parts,
-            seg.q_start,
-            seg.q_end - seg.q_start,
-            block_m=block_m,
-            block_n=block_n,
-        )
-        out, lse = self._attention(q_parts, keys, values, cache, block_table, index)
+        with maybe_phase(self.timer, "sparse.convert"):
+            index = convert_indices(
+                selections, plan.parts, seg.q_start, seg.q_end - seg.q_start,
+                block_m=block_m, block_n=block_n,
+            )  # fmt: skip
+        with maybe_phase(self.timer, "sparse.kernel"):
+            out, lse = self._attention(q_parts, keys, values, cache, block_table, index)
         if self.recorder is not None:
             self._record(layer, plan, q_parts, keys, lse)
         return out
@@ -339,6 +370,7 @@ class SparsePrefill:
                 scale=self.scale,
                 k_scale=cache.k_scale,
                 v_scale=cache.v_scale,
+                k_zero=cache.k_zero,
             )
         return sparse_attention_reference(q_parts, keys, values, index, scale=self.scale)
 
@@ -361,7 +393,8 @@ def _attention_positions(
     if dca is None:
         return pos[None]
     variants = query_positions(pos, dca)  # [3, n]
-    return variants[[p.variant for p in parts]]
+    # rows picked one by one: indexing with a Python list copies it to the device, a sync
+    return torch.stack([variants[p.variant] for p in parts])
 
 
 def _tables(

@@ -37,7 +37,7 @@ class TorchMetadata(AttentionMetadata):
 
 def write_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """k/v [T, Hkv, D] into cache slots (quantized for an fp8 cache)."""
-    store_rows(cache.k, cache.k_scale, slots, k)
+    store_rows(cache.k, cache.k_scale, slots, k, cache.k_zero)
     store_rows(cache.v, cache.v_scale, slots, v)
 
 
@@ -47,7 +47,7 @@ def gather_kv(
     """The first `length` tokens of one sequence: [length, Hkv, D] each (an fp8 cache
     dequantized to dtype; a plain one as stored)."""
     n = -(-length // cache.block_size)
-    k = load_blocks(cache.k, cache.k_scale, blocks[:n], length, dtype)
+    k = load_blocks(cache.k, cache.k_scale, blocks[:n], length, dtype, cache.k_zero)
     v = load_blocks(cache.v, cache.v_scale, blocks[:n], length, dtype)
     return k, v
 
@@ -56,7 +56,7 @@ def gather_slots(
     cache: KVCache, slots: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values at flat cache slots [...] -> [..., Hkv, D] each (fp8: dequantized)."""
-    k = load_rows(cache.k, cache.k_scale, slots, dtype)
+    k = load_rows(cache.k, cache.k_scale, slots, dtype, cache.k_zero)
     v = load_rows(cache.v, cache.v_scale, slots, dtype)
     return k, v
 

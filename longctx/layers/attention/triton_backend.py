@@ -94,6 +94,7 @@ class TritonAttentionBackend(AttentionBackend):
             yarn_original_max=self.yarn_original,
             k_scale=cache.k_scale,
             v_scale=cache.v_scale,
+            k_zero=cache.k_zero,
         )
         if meta.layout.is_decode_only:
             out, _ = paged_decode(q, cache.k, cache.v, meta.block_table, meta.k_end, **kw)

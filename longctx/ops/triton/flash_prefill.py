@@ -53,15 +53,18 @@ f(p) = max(1, 0.1 ln((p + 1) / original_max) + 1).
 
 FP8 cache (k_scale / v_scale given; KV_FP8, a constexpr, so other caches compile as before):
 k/v hold float8_e4m3fn, with float32 scales [num_blocks, page, Hkv] (contiguous keys:
-[Lk, Hkv]) per (token, kv head), value = stored * scale (longctx/layers/attention/
+[Lk, Hkv]) per (token, kv head), value = stored * scale, and keys relative to a zero point
+k_zero [Hkv, D] per layer: key = stored * scale + k_zero (longctx/layers/attention/
 kv_quant.py). A tile is loaded as fp8 (half the bytes), converted to the dot dtype (q's;
 float32 under the interpreter), and the scales are folded in where they cost a row or a
-column rather than a whole tile: each key column's logits are multiplied by its k scale
-(s = (q . k_stored) * k_scale[n] * softmax scale), and P by the v scale of its column before
-P @ V (the row sum l keeps the unscaled P). The dots run in fp16 with bf16 queries (e4m3 ->
-fp16 is one instruction per pair, -> bf16 one more per value; fp16 holds e4m3 exactly and
-keeps 3 more mantissa bits of q and P); to keep p * v_scale in fp16's range, P is scaled
-relative to the tile's largest v scale and the tile's P @ V scaled back in float32.
+column rather than a whole tile: each key column's logits are multiplied by its k scale and
+the zero point enters as one number per query row and part, q . k_zero
+(s = ((q . k_stored) * k_scale[n] + q . k_zero) * softmax scale), and P by the v scale of
+its column before P @ V (the row sum l keeps the unscaled P). The dots run in fp16 with
+bf16 queries (e4m3 -> fp16 is one instruction per pair, -> bf16 one more per value; fp16
+holds e4m3 exactly and keeps 3 more mantissa bits of q and P); to keep p * v_scale in
+fp16's range, P is scaled relative to the tile's largest v scale and the tile's P @ V
+scaled back in float32.
 Unmasked runs then use pointer loads (no tensor descriptors over fp8). The interpreter of
 triton 3.7 loads float8e4nv pointers directly (only the NaN code 0x7f reads as 480 there;
 the quantizer never writes it).
@@ -349,6 +352,7 @@ def _attend_tiles(
     v_ref,
     q,
     row_scale,
+    q_bias,
     K,
     V,
     K_DESC,
@@ -430,8 +434,8 @@ def _attend_tiles(
         elif UPCAST:
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if KV_FP8:
-            qk = qk * k_sc[None, :]
+        if KV_FP8:  # dequantized k = stored * k_sc + zero: q . zero is the row's q_bias
+            qk = qk * k_sc[None, :] + q_bias[:, None]
         if MASKED:
             seen = (offs[None, :] >= row_lo[:, None]) & (offs[None, :] < row_hi[:, None])
             qk = tl.where(seen, qk, float("-inf"))
@@ -464,6 +468,14 @@ def _attend_tiles(
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
     return acc, m_i, l_i, v_ref
+
+
+@triton.jit
+def _key_zero_bias(q, K_ZERO, HEAD_DIM: tl.constexpr):
+    """q . zero per query row [ROWS] (float32): an fp8 cache's keys are stored relative to a
+    per-(layer, kv head) zero point, which adds this constant to every logit of the row."""
+    z = tl.load(K_ZERO + tl.arange(0, HEAD_DIM))
+    return tl.sum(q.to(tl.float32) * z[None, :], 1)
 
 
 @triton.jit
@@ -520,6 +532,7 @@ def _attend_band(
     v_ref,
     q,
     row_scale,
+    q_bias,
     K,
     V,
     K_DESC,
@@ -571,6 +584,7 @@ def _attend_band(
             v_ref,
             q,
             row_scale,
+            q_bias,
             K,
             V,
             K_DESC,
@@ -613,6 +627,7 @@ def _flash_prefill_kernel(
     V_DESC,
     K_SCALE,
     V_SCALE,
+    K_ZERO,
     BT,
     Out,
     LSE,
@@ -675,6 +690,7 @@ def _flash_prefill_kernel(
     if KV_FP8:
         K_SCALE += kv_head.to(tl.int64) * stride_sh
         V_SCALE += kv_head.to(tl.int64) * stride_sh
+        K_ZERO += kv_head * HEAD_DIM
     BT += seq.to(tl.int64) * stride_bt
     Qh = Q + head.to(tl.int64) * stride_qh
     offs_d = tl.arange(0, HEAD_DIM)
@@ -695,7 +711,9 @@ def _flash_prefill_kernel(
             )
             if ROPE and not UPCAST:
                 q = _restage_query(q, o_ptrs, row_ok)
+            q_bias = 0.0
             if KV_FP8:
+                q_bias = _key_zero_bias(q, K_ZERO, HEAD_DIM)
                 q = _fp8_query(q)
             acc, m_i, l_i, v_ref = _attend_band(
                 acc,
@@ -704,6 +722,7 @@ def _flash_prefill_kernel(
                 v_ref,
                 q,
                 row_scale,
+                q_bias,
                 K,
                 V,
                 K_DESC,
@@ -920,6 +939,34 @@ def _int32_args(device: torch.device, values: tuple[int, ...]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32).to(device)
 
 
+@functools.lru_cache(maxsize=16)
+def _zeros(hkv: int, d: int, device: torch.device) -> torch.Tensor:
+    return torch.zeros((hkv, d), dtype=torch.float32, device=device)
+
+
+def key_zero_point(
+    k_zero: torch.Tensor | None,
+    k_scale: torch.Tensor | None,
+    hkv: int,
+    d: int,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """The zero point an fp8 cache's keys are stored relative to, [Hkv, D] float32
+    contiguous (None given: zeros); None for a plain cache."""
+    if k_scale is None:
+        if k_zero is not None:
+            raise ValueError("k_zero belongs to an fp8 cache: pass k_scale/v_scale with it")
+        return None
+    if k_zero is None:
+        return _zeros(hkv, d, device)
+    if k_zero.shape != (hkv, d) or k_zero.dtype != torch.float32 or not k_zero.is_contiguous():
+        raise ValueError(
+            f"k_zero must be a contiguous float32 [{hkv}, {d}] tensor, got "
+            f"{tuple(k_zero.shape)} {k_zero.dtype}"
+        )
+    return k_zero
+
+
 def check_kv_dtypes(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -995,6 +1042,7 @@ def flash_prefill(
     lse: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    k_zero: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one sequence's queries q [Lq, Hq, D] -> (out [Lq, Hq, D], lse [Hq, Lq]).
 
@@ -1006,7 +1054,8 @@ def flash_prefill(
     dca: keys cached at p mod c, three query rotations (needs rope_theta); k_start/k_end
     still clip. yarn_original_max: YaRN logit scaling per query (None or 0: off).
     out/lse: optional preallocated results. config: tile sizes (default by head_dim).
-    k_scale/v_scale: an fp8 cache's float32 scales, k.shape[:-1] (module doc).
+    k_scale/v_scale: an fp8 cache's float32 scales, k.shape[:-1]; k_zero: its keys' zero
+    point [Hkv, D] float32 (None: zero) (module doc).
     """
     lq = q.shape[0]
     if block_table is not None and block_table.dim() == 1:
@@ -1040,6 +1089,7 @@ def flash_prefill(
         lse=lse,
         k_scale=k_scale,
         v_scale=v_scale,
+        k_zero=k_zero,
         host=HostLayout((lq,), (q_pos0,), (k_start,), (k_end,)),
     )
 
@@ -1065,16 +1115,18 @@ def flash_prefill_varlen(
     lse: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    k_zero: torch.Tensor | None = None,
     host: HostLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen batch: q [T, Hq, D] holds B sequences, sequence s at rows
     cu_seqlens_q[s]:cu_seqlens_q[s+1] (int32 [B+1]); q_pos0, k_start, k_end: int32 [B];
     block_table [B, max_blocks] must cover k_end[s] tokens of sequence s. max_seqlen_q (host
     int) sizes the grid. k_scale/v_scale: an fp8 cache's scales [num_blocks, page, Hkv]
-    (contiguous keys: [Lk, Hkv]). host: the same per-sequence integers on the host, which
-    lets DCA run on the Hopper kernel (split at chunk boundaries). Returns (out [T, Hq, D],
-    lse [Hq, T] float32 natural log)."""
+    (contiguous keys: [Lk, Hkv]), k_zero its keys' zero point [Hkv, D]. host: the same
+    per-sequence integers on the host, which lets DCA run on the Hopper kernel (split at
+    chunk boundaries). Returns (out [T, Hq, D], lse [Hq, T] float32 natural log)."""
     _check_prefill_inputs(q, k, v, block_table, k_scale, v_scale)
+    k_zero = key_zero_point(k_zero, k_scale, k.shape[-2], q.shape[2], q.device)
     nseq = cu_seqlens_q.shape[0] - 1
     if k_start is None:
         k_start = _int32_args(q.device, (0,) * nseq)
@@ -1143,6 +1195,7 @@ def flash_prefill_varlen(
         config or prefill_config(q.shape[2], k.shape[1] if paged else None, q.element_size()),
         k_scale,
         v_scale,
+        k_zero,
     )
     return out, lse
 
@@ -1332,6 +1385,7 @@ def _launch_prefill(
     cfg: KernelConfig,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    k_zero: torch.Tensor | None = None,
 ) -> None:
     paged = block_table is not None
     fp8 = k_scale is not None
@@ -1349,6 +1403,7 @@ def _launch_prefill(
         v_desc,
         k_scale,
         v_scale,
+        k_zero,
         bt,
         out,
         lse,

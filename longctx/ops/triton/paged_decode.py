@@ -50,11 +50,13 @@ from longctx.ops.triton.flash_prefill import (
     _finish,
     _fp8_query,
     _init_state,
+    _key_zero_bias,
     _load_query,
     _part_ranges,
     _yarn_row_scale,
     check_kv_dtypes,
     dtype_flags,
+    key_zero_point,
     make_variant,
 )
 
@@ -168,6 +170,7 @@ def _paged_decode_kernel(
     V,
     K_SCALE,
     V_SCALE,
+    K_ZERO,
     BT,
     CTX,
     O_PART,
@@ -227,6 +230,7 @@ def _paged_decode_kernel(
     if KV_FP8:
         K_SCALE += kv_head.to(tl.int64) * stride_sh
         V_SCALE += kv_head.to(tl.int64) * stride_sh
+        K_ZERO += kv_head * HEAD_DIM
     BT += seq.to(tl.int64) * stride_bt
     Qb = Q + seq.to(tl.int64) * stride_qb
     pos = ctx - 1  # the query is the newest cached token
@@ -246,7 +250,9 @@ def _paged_decode_kernel(
         q = _load_query(
             Qb, heads, g_ok, stride_qh, rot + 0 * pos_g, INV_FREQ, HEAD_DIM, ROPE, FAST_TRIG, UPCAST
         )
+        q_bias = 0.0
         if KV_FP8:
+            q_bias = _key_zero_bias(q, K_ZERO, HEAD_DIM)
             q = _fp8_query(q)
         acc, m_i, l_i, _ = _attend_tiles(
             acc,
@@ -255,6 +261,7 @@ def _paged_decode_kernel(
             1.0,  # v_ref: unused (decode's P @ V is relative to each tile's largest v scale)
             q,
             row_scale,
+            q_bias,
             K,
             V,
             None,
@@ -572,6 +579,7 @@ def paged_decode(
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    k_zero: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query token per sequence over the paged cache -> (out [B, Hq, D], lse [Hq, B]).
 
@@ -583,7 +591,8 @@ def paged_decode(
     out/lse: optional preallocated results; workspace: optional (out_part [B, Hq, P, D],
     lse_part [B, Hq, P]) float32 buffers, P = cdiv(max_context, partition_size); by default
     a scratch shared by eager calls of the same shape on one stream. k_scale/v_scale: the
-    float32 scales [num_blocks, page, Hkv] of an fp8 (float8_e4m3fn) cache.
+    float32 scales [num_blocks, page, Hkv] of an fp8 (float8_e4m3fn) cache, k_zero its keys'
+    zero point [Hkv, D] (None: zero).
     """
     cfg = config or decode_config(q.shape[2], fp8=k_scale is not None and dca is None)
     var = make_variant(q.shape[2], q.device, rope_theta, dca, yarn_original_max)
@@ -601,6 +610,7 @@ def paged_decode(
         v_scale,
     )
     b, hq, d = q.shape
+    k_zero = key_zero_point(k_zero, k_scale, k_cache.shape[2], d, q.device)
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty((hq, b), dtype=torch.float32, device=q.device) if lse is None else lse
     if out.shape != q.shape or lse.shape != (hq, b) or out.stride(-1) != 1:
@@ -632,6 +642,7 @@ def paged_decode(
         plan,
         k_scale,
         v_scale,
+        k_zero,
     )
     return out, lse
 
@@ -651,6 +662,7 @@ def _launch_decode(
     plan,
     k_scale=None,
     v_scale=None,
+    k_zero=None,
 ):
     q_strides, k_strides = q.stride(), k_cache.stride()
     s_strides = k_scale.stride() if k_scale is not None else (0, 0, 0)
@@ -661,6 +673,7 @@ def _launch_decode(
         v_cache,
         k_scale,
         v_scale,
+        k_zero,
         block_table,
         ctx,
         o_part,

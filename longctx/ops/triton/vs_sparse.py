@@ -23,7 +23,8 @@ then keep several tiles in flight). Rows without any key get out = 0, lse = -inf
 
 FP8 cache (k_scale / v_scale [num_blocks, page, Hkv] float32 given; KV_FP8 constexpr): fp8
 K/V rows converted to the dot dtype (fp16 for bf16 queries), each key's logits times its k
-scale, P times the v scale before P @ V (flash_prefill.py's module doc).
+scale plus the row's q . k_zero (keys are stored relative to a zero point), P times the v
+scale before P @ V (flash_prefill.py's module doc).
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ from longctx.ops.triton.flash_prefill import (
     LOG2E,
     _fp8_pv,
     _fp8_query,
+    _key_zero_bias,
     check_kv_dtypes,
     dtype_flags,
     interpreting,
+    key_zero_point,
 )
 from longctx.sparse.convert import SegmentIndex
 
@@ -56,10 +59,12 @@ class SparseKernelConfig:
 
 
 # sm_90, d=128: 64 x 128 query tile + (K + V) 64 x 128 bf16 tiles per stage (32 KiB), as
-# MInference's kernel; benchmarks/bench_sparse_gpu.py --tune compares alternatives.
+# MInference's kernel, three stages deep (H100, 256K, benchmarks/results/sparse_gpu_configs.md:
+# 8-9% faster than two on both fixed patterns); benchmarks/bench_sparse_gpu.py's config sweep
+# compares alternatives.
 SPARSE_CONFIGS: dict[int, SparseKernelConfig] = {
     64: SparseKernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
-    128: SparseKernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    128: SparseKernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
 }
 # The interpreter's cost is programs x iterations; small blocks keep test edges dense.
 INTERPRET_SPARSE_CONFIG = SparseKernelConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
@@ -88,6 +93,7 @@ def _attend(
     m_i,
     l_i,
     q,
+    q_bias,
     K,
     V,
     K_SCALE,
@@ -119,7 +125,8 @@ def _attend(
         k = k.to(tl.float32)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if KV_FP8:
-        qk = qk * tl.load(K_SCALE + s_rows, mask=key_ok, other=0.0)[None, :]
+        k_sc = tl.load(K_SCALE + s_rows, mask=key_ok, other=0.0)
+        qk = qk * k_sc[None, :] + q_bias[:, None]  # k = stored * k_sc + zero (q_bias = q . zero)
     if need_mask:
         seen = key_ok[None, :] & (offs[None, :] < row_hi[:, None])
         qk = tl.where(seen, qk, float("-inf"))
@@ -167,6 +174,7 @@ def _vs_sparse_kernel(
     V,
     K_SCALE,
     V_SCALE,
+    K_ZERO,
     BT,
     Out,
     LSE,
@@ -226,6 +234,7 @@ def _vs_sparse_kernel(
         s_off = (head // GROUPS) * stride_sh
         K_SCALE += s_off
         V_SCALE += s_off
+        K_ZERO += (head // GROUPS) * HEAD_DIM
     rows = offs_m.to(tl.int64)
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -243,7 +252,9 @@ def _vs_sparse_kernel(
         q = q * qk_scale
         if not UPCAST:
             q = q.to(Q.dtype.element_ty)
+        q_bias = 0.0
         if KV_FP8:
+            q_bias = _key_zero_bias(q, K_ZERO, HEAD_DIM)
             q = _fp8_query(q)
 
         # -- loop 1: slash tiles, the next tile's span and pages read one iteration ahead
@@ -263,7 +274,7 @@ def _vs_sparse_kernel(
             n_kr = _cache_rows(BT, n_offs, n_ok, stride_kb, stride_ks, PAGE_SIZE)
             need_mask = (start < lo) | (end < start + BLOCK_N) | (start + BLOCK_N > hi_all)
             acc, m_i, l_i = _attend(
-                acc, m_i, l_i, q, Kh, Vh, K_SCALE, V_SCALE, BT, kr, offs, key_ok, row_hi,
+                acc, m_i, l_i, q, q_bias, Kh, Vh, K_SCALE, V_SCALE, BT, kr, offs, key_ok, row_hi,
                 need_mask, stride_sb, stride_ss, HEAD_DIM, PAGE_SIZE, UPCAST, DOT_PREC, KV_FP8,
             )  # fmt: skip
             start, end, offs, key_ok, kr = n_start, n_end, n_offs, n_ok, n_kr
@@ -280,7 +291,7 @@ def _vs_sparse_kernel(
             n_cols = tl.load(CB + n_idx, mask=n_ok, other=0)
             n_kr = _cache_rows(BT, n_cols, n_ok, stride_kb, stride_ks, PAGE_SIZE)
             acc, m_i, l_i = _attend(
-                acc, m_i, l_i, q, Kh, Vh, K_SCALE, V_SCALE, BT, kr, cols, col_ok, row_hi,
+                acc, m_i, l_i, q, q_bias, Kh, Vh, K_SCALE, V_SCALE, BT, kr, cols, col_ok, row_hi,
                 True, stride_sb, stride_ss, HEAD_DIM, PAGE_SIZE, UPCAST, DOT_PREC, KV_FP8,
             )  # fmt: skip
             cols, col_ok, kr = n_cols, n_ok, n_kr
@@ -336,11 +347,13 @@ def vs_sparse_attention(
     config: SparseKernelConfig | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    k_zero: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [P, n, Hq, D] (part p rotated for part p) over the cache through block_table, visiting
     what `index` lists -> (out [n, Hq, D], lse [Hq, n] float32). k_scale/v_scale: the float32
-    scales [num_blocks, page, Hkv] of an fp8 cache."""
+    scales [num_blocks, page, Hkv] of an fp8 cache, k_zero its keys' zero point [Hkv, D]."""
     _check_inputs(q, k_cache, v_cache, block_table, index, k_scale, v_scale)
+    k_zero = key_zero_point(k_zero, k_scale, k_cache.shape[2], q.shape[3], q.device)
     cfg = config or sparse_config(q.shape[3])
     if (index.block_m, index.block_n) != (cfg.block_m, cfg.block_n):
         raise ValueError(
@@ -357,7 +370,7 @@ def vs_sparse_attention(
     grid = (hq, index.num_blocks)
     s_strides = k_scale.stride() if k_scale is not None else (0, 0, 0)
     _vs_sparse_kernel[grid](
-        q, k_cache, v_cache, k_scale, v_scale, block_table, out, lse,
+        q, k_cache, v_cache, k_scale, v_scale, k_zero, block_table, out, lse,
         tiles, index.tile_e, ranges, cols, counts, index.part_info,
         index.q_pos0, n, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
