@@ -9,6 +9,8 @@ from longctx.structured_output import StructuredOutput
 
 MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty|: OpenAI's range
 MAX_LOGIT_BIAS = 100.0
+# Beyond this range the penalty overflows float32 logits (1 / 5e-324 is inf) and sampling fails.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,10 @@ class SamplingParams:
                 f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
             ),
             (
-                self.repetition_penalty > 0,
-                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}",
+                REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1],
+                "repetition_penalty must be in [{}, {}] (1 = off), got {}".format(
+                    *REPETITION_PENALTY_RANGE, self.repetition_penalty
+                ),
             ),
             (
                 all(abs(b) <= MAX_LOGIT_BIAS for b in (self.logit_bias or {}).values()),

@@ -31,7 +31,12 @@ from pydantic import (
 )
 
 from longctx.engine.outputs import RequestOutput
-from longctx.sampling_params import MAX_LOGIT_BIAS, MAX_PENALTY, SamplingParams
+from longctx.sampling_params import (
+    MAX_LOGIT_BIAS,
+    MAX_PENALTY,
+    REPETITION_PENALTY_RANGE,
+    SamplingParams,
+)
 from longctx.server.tool_parser import ToolCallOutput
 from longctx.structured_output import StructuredOutput
 from longctx.tokenizer import Tokenizer
@@ -75,7 +80,8 @@ def parse_request(model: type[M], payload: object) -> M:
     if not isinstance(payload, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:
-        return model.model_validate(payload)
+        # Strict: JSON's types as the schema states them (true is no integer, "5" no number).
+        return model.model_validate(payload, strict=True)
     except ValidationError as e:
         # Of a union's errors, the member that matched deepest, with the fewest errors, says
         # best what is wrong (loc[:2] is the field and the member tried).
@@ -209,7 +215,9 @@ class _GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
-    repetition_penalty: float = Field(1.0, gt=0)  # vLLM's extension
+    repetition_penalty: float = Field(  # vLLM's extension
+        1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1]
+    )
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None  # on /v1/completions too, as vLLM has it
 

@@ -86,6 +86,8 @@ def test_logprobs_stay_those_of_the_model():
         {"presence_penalty": 2.5},
         {"frequency_penalty": -3},
         {"repetition_penalty": 0},
+        {"repetition_penalty": 5e-324},
+        {"repetition_penalty": 1e300},
         {"logit_bias": {1: 101}},
         {"logit_bias": {-1: 1}},
         {"logit_bias": {"x": 1}},

@@ -72,10 +72,15 @@ def test_logit_bias_of_100_forces_the_token(client):
     assert choice["logprobs"]["tokens"] == ["token_id:42"] * 4
 
 
-def test_chat_refuses_out_of_range_penalties(client):
-    body = {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": -2.5}
+@pytest.mark.parametrize(
+    ("field", "value"),
+    # 5e-324 was a 500 found by the fuzzer: its reciprocal overflowed the logits to inf.
+    [("frequency_penalty", -2.5), ("repetition_penalty", 5e-324), ("repetition_penalty", 1e300)],
+)
+def test_chat_refuses_out_of_range_penalties(client, field, value):
+    body = {"messages": [{"role": "user", "content": "hi"}], field: value}
     resp = client.post("/v1/chat/completions", content=json.dumps(body))
-    assert resp.status_code == 400 and resp.json()["error"]["param"] == "frequency_penalty"
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == field
 
 
 def test_echo_with_logprobs_scores_the_prompt(client, llm_prompt_logprobs):
