@@ -86,7 +86,7 @@ class SamplingParams:
                 f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
             ),
             (
-                REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1],
+                min(REPETITION_PENALTY_RANGE) <= self.repetition_penalty <= max(REPETITION_PENALTY_RANGE),
                 "repetition_penalty must be in [{}, {}] (1 = off), got {}".format(
                     *REPETITION_PENALTY_RANGE, self.repetition_penalty
                 ),
