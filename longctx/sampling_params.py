@@ -61,6 +61,7 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
+        rep_lo, rep_hi = REPETITION_PENALTY_RANGE
         checks = [
             (self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
@@ -86,9 +87,9 @@ class SamplingParams:
                 f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
             ),
             (
-                min(REPETITION_PENALTY_RANGE) <= self.repetition_penalty <= max(REPETITION_PENALTY_RANGE),
+                rep_lo <= self.repetition_penalty <= rep_hi,
                 "repetition_penalty must be in [{}, {}] (1 = off), got {}".format(
-                    *REPETITION_PENALTY_RANGE, self.repetition_penalty
+                    rep_lo, rep_hi, self.repetition_penalty
                 ),
             ),
             (
