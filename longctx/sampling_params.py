@@ -88,9 +88,8 @@ class SamplingParams:
             ),
             (
                 rep_lo <= self.repetition_penalty <= rep_hi,
-                "repetition_penalty must be in [{}, {}] (1 = off), got {}".format(
-                    rep_lo, rep_hi, self.repetition_penalty
-                ),
+                f"repetition_penalty must be in [{rep_lo}, {rep_hi}] (1 = off), "
+                f"got {self.repetition_penalty}",
             ),
             (
                 all(abs(b) <= MAX_LOGIT_BIAS for b in (self.logit_bias or {}).values()),
