@@ -194,12 +194,26 @@ def _refuse_unsupported(data: Any) -> None:
             raise ApiError(400, why, param=name, code="unsupported_parameter")
 
 
+def _nullable_properties(schema: dict[str, Any]) -> None:
+    """A request's top-level null means the default (see _null_means_default): the schema
+    says so for the optional fields, or a fuzzer rightly calls every accepted null a schema
+    violation."""
+    required = set(schema.get("required", []))
+    for name, prop in schema.get("properties", {}).items():
+        if name in required or any(alt.get("type") == "null" for alt in prop.get("anyOf", [])):
+            continue
+        outer = {k: prop.pop(k) for k in ("title", "default", "description") if k in prop}
+        schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **outer}
+
+
 class _GenerationRequest(BaseModel):
     """Fields both endpoints share. top_k, min_tokens, ignore_eos, stop_token_ids: vLLM's
     extensions of the OpenAI API."""
 
     # 1e999 decodes as inf: no sampling parameter means anything there.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="ignore", allow_inf_nan=False, json_schema_extra=_nullable_properties
+    )
 
     model: str | None = None
     temperature: float | None = Field(None, ge=0)
