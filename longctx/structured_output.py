@@ -74,8 +74,9 @@ class StructuredOutput:
         if self.lark is not None:
             return _llg().LLMatcher.grammar_from_lark(self.lark)
         schema = {"type": "object"} if self.json_object else dict(self.json_schema)
+        llg = _llg()  # outside the try: a missing package is no invalid schema
         try:
-            return _llg().LLMatcher.grammar_from_json_schema(
+            return llg.LLMatcher.grammar_from_json_schema(
                 schema, defaults=json_options(self.compact)
             )
         except ValueError as e:

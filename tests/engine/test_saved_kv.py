@@ -4,6 +4,7 @@ damaged files are refused with one-line errors."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -135,6 +136,30 @@ def test_a_corrupt_shard_is_refused(hf, saved, tmp_path):
     data[-10] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(SavedKVError, match="kv-00002.safetensors is corrupt"):
+        make_llm(hf).load_kv(d)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\xff" * 64,  # a header length past the end
+        (16).to_bytes(8, "little") + b'{"k": "v"}      ',  # a header that is no table
+        # a tensor reaching past the data
+        (64).to_bytes(8, "little")
+        + b'{"k":{"dtype":"U8","shape":[99],"data_offsets":[0,99]}}'.ljust(64)
+        + b"\0" * 8,
+    ],
+    ids=["length", "header", "offsets"],
+)
+def test_a_shard_the_writer_garbled_is_refused(hf, saved, tmp_path, garbage):
+    """Bytes that match the manifest's checksum but are no safetensors file."""
+    d = copy_of(saved, tmp_path)
+    (d / "kv-00001.safetensors").write_bytes(garbage)
+    manifest = json.loads((d / MANIFEST).read_text())
+    entry = next(f for f in manifest["files"] if f["name"] == "kv-00001.safetensors")
+    entry.update(bytes=len(garbage), sha256=hashlib.sha256(garbage).hexdigest())
+    (d / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(SavedKVError, match="kv-00001.safetensors is not a readable safetensors"):
         make_llm(hf).load_kv(d)
 
 
