@@ -136,15 +136,23 @@ def decode_rows(args: argparse.Namespace, llm: LLM) -> list[dict]:
     }
     run(llm, [prompt] * args.batch, base, args.batch)  # warm-up (kernels, graphs)
     rows = []
+    times = llm.engine.runner.masks.times
     for name, params in variants.items():
+        before = dataclasses.replace(times)
         clock = run(llm, [prompt] * args.batch, params, args.batch)
         tokens = sum(clock.tokens.values()) - clock.tokens_at_first
+        steps = max(times.steps - before.steps, 1)
         rows.append(
             {
                 "case": f"decode batch {args.batch}",
                 "variant": name,
                 "decode_tok_s": tokens / (clock.end - clock.all_first),
                 "tokens": tokens,
+                "step_ms": 1000 * (clock.end - clock.all_first) / (tokens / args.batch),
+                # host ms per masked step: waiting for the previous tokens, advancing, filling
+                "mask_wait_ms": 1000 * (times.wait_s - before.wait_s) / steps,
+                "mask_advance_ms": 1000 * (times.advance_s - before.advance_s) / steps,
+                "mask_fill_ms": 1000 * (times.fill_s - before.fill_s) / steps,
             }
         )
     rows[1]["vs_unconstrained"] = rows[1]["decode_tok_s"] / rows[0]["decode_tok_s"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -169,6 +170,19 @@ class GrammarMatcher:
         return self.matcher.is_accepting()
 
 
+@dataclass
+class MaskTimes:
+    """Host seconds spent on grammar masks since start (what a benchmark reads to see whether
+    the mask hides behind the forward pass): waiting for the previous step's tokens, advancing
+    the matchers over them, filling the bitmask; and the steps and rows masked."""
+
+    wait_s: float = 0.0
+    advance_s: float = 0.0
+    fill_s: float = 0.0
+    steps: int = 0
+    rows: int = 0
+
+
 class TokenMasks:
     """Fills the host bitmask of a batch of matchers (in parallel) and applies it on the device."""
 
@@ -177,10 +191,12 @@ class TokenMasks:
         self.device = device
         self._executor: llguidance.LLExecutor | None = None
         self._refused_bits: torch.Tensor | None = None
+        self.times = MaskTimes()
 
     def fill(self, matchers: Sequence[GrammarMatcher]) -> torch.Tensor:
         """[len(matchers), ceil(V / 32)] int32 on the host, bit j of word w allowing token
         32 w + j."""
+        start = time.perf_counter()
         if self._executor is None:
             self._executor = _llg().LLExecutor()
         words = -(-self.vocab_size // 32)
@@ -188,6 +204,9 @@ class TokenMasks:
         bitmask = torch.empty((len(matchers), words), dtype=torch.int32, pin_memory=pin)
         rows = [(m.matcher, r) for r, m in enumerate(matchers)]
         self._executor.unsafe_compute_mask_ptr(rows, bitmask.data_ptr(), words * 4, len(rows))
+        self.times.fill_s += time.perf_counter() - start
+        self.times.steps += 1
+        self.times.rows += len(rows)
         return bitmask
 
     def apply(self, logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -214,7 +215,9 @@ class ModelRunner:
         queued: waiting here for prev's tokens lets the host fill the mask meanwhile."""
         if all(s.grammar is None for s in seqs):
             return
+        start = time.perf_counter()
         prev_tokens = prev.host.result().token_ids if prev is not None and prev.host else None
+        self.masks.times.wait_s += time.perf_counter() - start
         # A pending newest token is still in prev's device tensor.
         newest = [prev_tokens[s.pending_row] if s.num_pending else None for s in seqs]
         mask_grammars(self.masks, logits, seqs, newest)
@@ -229,11 +232,13 @@ def mask_grammars(
     """Constrain the logits rows of sequences with a grammar, each advanced over its output
     tokens and newest[r] (one not in its token_ids yet; None: none)."""
     rows = [r for r, s in enumerate(seqs) if s.grammar is not None]
+    start = time.perf_counter()
     for r in rows:
         seq, token = seqs[r], newest[r]
         seq.grammar.advance(
             seq.output_token_ids if token is None else [*seq.output_token_ids, token]
         )
+    masks.times.advance_s += time.perf_counter() - start
     if rows:
         masks.apply(logits, rows, masks.fill([seqs[r].grammar for r in rows]))
 
