@@ -294,7 +294,11 @@ class LLMEngine:
         else:
             self._inflight = None
         try:
-            return self._complete(done) if done is not None else []
+            outputs = self._complete(done) if done is not None else []
+            if self._inflight is not None:
+                # Grammar masks filled while step t was completed: queue t+1's sampling now.
+                self._inflight.step.finish()
+            return outputs
         except BaseException:
             self._drop(self._inflight)
             self._drop(done)

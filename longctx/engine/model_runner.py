@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -49,17 +50,30 @@ class StepOutput:
     prompt_logprobs: tuple[list[dict[int, float]] | None, ...]
 
 
-@dataclass(frozen=True)
+@dataclass
 class LaunchedStep:
-    """A step queued on the device; `result()` waits for its sampled tokens."""
+    """A step queued on the device; `result()` waits for its sampled tokens.
+
+    A step with grammar-constrained rows holds its sampling back (`pending`) while a worker
+    thread fills their token mask; `finish()` queues it. The engine calls it after its host
+    work on the step before, so that the mask fills meanwhile; the next launch calls it
+    anyway, since that step's inputs are these tokens."""
 
     batch: ScheduledBatch
     sampling: tuple[int, ...]  # batch rows that sample a token, in the order of device_tokens
     device_tokens: torch.Tensor | None  # [len(sampling)] on the device
     host: DeviceSample | None  # the same, being copied to host memory
     prompt_logprobs: tuple[list[dict[int, float]] | None, ...]
+    pending: Callable[[], DeviceSample] | None = None
+
+    def finish(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            sampled = pending()
+            self.device_tokens, self.host = sampled.token_ids, sampled.to_host()
 
     def result(self) -> StepOutput:
+        self.finish()
         n = len(self.batch.seqs)
         tokens: list[int | None] = [None] * n
         lps: list[dict[int, float] | None] = [None] * n
@@ -101,6 +115,7 @@ class ModelRunner:
         self.timeline: GpuTimeline | None = None  # set to measure device idle time between steps
         self.abort_signal: AbortSignal | None = None  # set by the engine: see _abort_check
         self.masks = TokenMasks(model_config.vocab_size, device)
+        self._mask_worker: ThreadPoolExecutor | None = None
 
     def _decode_graphs(self, cfg: EngineConfig, max_model_len: int) -> DecodeGraphs | None:
         if cfg.enforce_eager or self.device.type != "cuda" or not self.backend.supports_cuda_graphs:
@@ -157,6 +172,8 @@ class ModelRunner:
         A sequence whose newest token was sampled by `prev` (still in flight) gets it straight
         from prev's device tensor, so the next step can be queued before the host knows it.
         """
+        if prev is not None:
+            prev.finish()  # its tokens are this step's inputs
         if self.timeline is not None:
             self.timeline.begin()
         ids, layout = step_inputs(batch, prev, self.block_size, self.device)
@@ -184,11 +201,14 @@ class ModelRunner:
                 )
                 for i in range(len(batch.seqs))
             )
-        sampled = None
+        sampled = pending = None
         if sampling:
             reqs = [self._sample_request(batch.seqs[i]) for i in sampling]
-            self._mask_grammars(logits, [batch.seqs[i] for i in sampling], prev)
-            sampled = sample(logits, reqs)
+            masks = self._start_masks([batch.seqs[i] for i in sampling], prev)
+            if masks is None:
+                sampled = sample(logits, reqs)
+            else:
+                pending = lambda: self._sample_masked(logits, reqs, masks)  # noqa: E731
         if self.timeline is not None:
             self.timeline.end()
         return LaunchedStep(
@@ -197,6 +217,7 @@ class ModelRunner:
             device_tokens=sampled.token_ids if sampled is not None else None,
             host=sampled.to_host() if sampled is not None else None,
             prompt_logprobs=prompt_lps,
+            pending=pending,
         )
 
     def _abort_check(self, batch: ScheduledBatch) -> Callable[[], None] | None:
@@ -208,19 +229,44 @@ class ModelRunner:
         request_ids = [s.request_id for s in batch.seqs]
         return lambda: signal.check(request_ids)
 
-    def _mask_grammars(
-        self, logits: torch.Tensor, seqs: list[Sequence], prev: LaunchedStep | None
-    ) -> None:
-        """Constrain the rows of sequences with a grammar. Runs after the forward pass is
-        queued: waiting here for prev's tokens lets the host fill the mask meanwhile."""
+    def _start_masks(
+        self, seqs: list[Sequence], prev: LaunchedStep | None
+    ) -> Future[tuple[list[int], torch.Tensor] | None] | None:
+        """The token masks of the sequences with a grammar, filled by a worker thread (None:
+        no grammar here). Started once the forward pass is queued; the thread waits for
+        prev's tokens, advances the matchers over them and fills the bitmask while this
+        thread goes on (llguidance computes masks without the GIL)."""
         if all(s.grammar is None for s in seqs):
-            return
-        start = time.perf_counter()
-        prev_tokens = prev.host.result().token_ids if prev is not None and prev.host else None
-        self.masks.times.wait_s += time.perf_counter() - start
-        # A pending newest token is still in prev's device tensor.
-        newest = [prev_tokens[s.pending_row] if s.num_pending else None for s in seqs]
-        mask_grammars(self.masks, logits, seqs, newest)
+            return None
+        # Snapshots: the engine appends prev's tokens to these lists while the job runs. A
+        # pending newest token is still in prev's sample (row pending_row).
+        outputs = [list(s.output_token_ids) for s in seqs]
+        rows = [s.pending_row if s.num_pending else None for s in seqs]
+
+        def job() -> tuple[list[int], torch.Tensor] | None:
+            start = time.perf_counter()
+            res = prev.host.result() if prev is not None and prev.host is not None else None
+            self.masks.times.wait_s += time.perf_counter() - start
+            for out, r in zip(outputs, rows):
+                if r is not None:
+                    out.append(res.token_ids[r])
+            return grammar_bitmask(self.masks, seqs, outputs)
+
+        if self._mask_worker is None:
+            self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="longctx-masks")
+        return self._mask_worker.submit(job)
+
+    @torch.inference_mode()  # called by LaunchedStep.finish, outside launch's inference mode
+    def _sample_masked(
+        self,
+        logits: torch.Tensor,
+        reqs: list[SampleRequest],
+        masks: Future[tuple[list[int], torch.Tensor] | None],
+    ) -> DeviceSample:
+        filled = masks.result()
+        if filled is not None:
+            self.masks.apply(logits, *filled)
+        return sample(logits, reqs)
 
     def _sample_request(self, seq: Sequence) -> SampleRequest:
         return sample_request(seq, self.config.vocab_size, self.device)
@@ -231,16 +277,28 @@ def mask_grammars(
 ) -> None:
     """Constrain the logits rows of sequences with a grammar, each advanced over its output
     tokens and newest[r] (one not in its token_ids yet; None: none)."""
+    outputs = [
+        s.output_token_ids if token is None else [*s.output_token_ids, token]
+        for s, token in zip(seqs, newest)
+    ]
+    filled = grammar_bitmask(masks, seqs, outputs)
+    if filled is not None:
+        masks.apply(logits, *filled)
+
+
+def grammar_bitmask(
+    masks: TokenMasks, seqs: list[Sequence], outputs: list[list[int]]
+) -> tuple[list[int], torch.Tensor] | None:
+    """(rows, host bitmask) of the sequences with a grammar, each matcher advanced over its
+    output tokens outputs[r] first; None if no sequence has a grammar."""
     rows = [r for r, s in enumerate(seqs) if s.grammar is not None]
+    if not rows:
+        return None
     start = time.perf_counter()
     for r in rows:
-        seq, token = seqs[r], newest[r]
-        seq.grammar.advance(
-            seq.output_token_ids if token is None else [*seq.output_token_ids, token]
-        )
+        seqs[r].grammar.advance(outputs[r])
     masks.times.advance_s += time.perf_counter() - start
-    if rows:
-        masks.apply(logits, rows, masks.fill([seqs[r].grammar for r in rows]))
+    return rows, masks.fill([seqs[r].grammar for r in rows])
 
 
 def sample_request(seq: Sequence, vocab_size: int, device: torch.device) -> SampleRequest:
