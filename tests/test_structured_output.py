@@ -4,6 +4,7 @@ constrained output parses and validates every time (a random model follows no fo
 itself, so only the mask can make it valid), synchronously and with asynchronous scheduling."""
 
 import json
+import time
 
 import jsonschema
 import pytest
@@ -14,6 +15,7 @@ from longctx.structured_output import (
     GrammarCompiler,
     StructuredOutput,
     StructuredOutputError,
+    TokenMasks,
     apply_token_bitmask_,
 )
 from tests.conftest import device_under_test
@@ -132,3 +134,37 @@ def test_offline_api_refuses_an_unsupported_schema(random_llm):
     with pytest.raises(StructuredOutputError, match="contains"):
         llm.generate([[1], [2]], [SamplingParams(), SamplingParams(structured_output=spec)])
     assert not llm.engine.has_unfinished()
+
+
+def test_the_mask_fills_while_the_engine_completes_the_step_before(random_llm, monkeypatch):
+    """Async scheduling: the worker thread's mask fill runs during the engine's host work on
+    the previous step (_complete), not before or after it."""
+    llm = random_llm(True)
+    engine = llm.engine
+    events: list[tuple[str, float, float]] = []
+    fill, complete = TokenMasks.fill, type(engine)._complete
+
+    def slow_fill(self, matchers):
+        start = time.perf_counter()
+        time.sleep(0.05)
+        out = fill(self, matchers)
+        events.append(("fill", start, time.perf_counter()))
+        return out
+
+    def timed_complete(self, done):
+        start = time.perf_counter()
+        time.sleep(0.05)
+        out = complete(self, done)
+        events.append(("complete", start, time.perf_counter()))
+        return out
+
+    monkeypatch.setattr(TokenMasks, "fill", slow_fill)
+    monkeypatch.setattr(type(engine), "_complete", timed_complete)
+    spec = StructuredOutput(json_object=True)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, structured_output=spec)
+    out = llm.generate([[7, 8, 9]], params)[0]
+    assert out.text.lstrip().startswith("{")
+    fills = [(a, b) for kind, a, b in events if kind == "fill"]
+    completes = [(a, b) for kind, a, b in events if kind == "complete"]
+    overlapping = sum(any(a < d and c < b for c, d in completes) for a, b in fills)
+    assert overlapping >= len(fills) - 2, events  # all but the first and last steps' fills
