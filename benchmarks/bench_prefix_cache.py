@@ -149,19 +149,12 @@ def run(args) -> tuple[list[dict], str]:
         return load_only(args, llm, doc, q1, params, uncached, rows, row)
     follow = timed_generate(llm, doc + q2, params)
     row("doc + q2, follow-up on the cached doc", follow)
-    save_dir = Path(args.save_dir or tempfile.mkdtemp(prefix="longctx-kv-"))
-    start = time.perf_counter()  # the document is cached: this is the write alone
-    saved = save_kv(llm.engine, doc, save_dir, shard_bytes=args.shard_mib * 2**20)
-    save_s = time.perf_counter() - start
-    row("save_kv(doc), cached doc: the write", seconds=save_s, MiB=saved.num_bytes / 2**20)
+    save_dir, save_s = save_doc(args, llm, doc, row)
     blocks.forget_cached()
     ref = timed_generate(llm, doc + q2, params)
     row("doc + q2, uncached (reference answer)", ref)
     blocks.forget_cached()
-    start = time.perf_counter()
-    loaded = llm.load_kv(save_dir)
-    load_s = time.perf_counter() - start
-    row("load_kv(doc)", seconds=load_s, MiB=loaded.num_bytes / 2**20)
+    load_s = load_doc(llm, save_dir, row)
     after = timed_generate(llm, doc + q2, params)
     row("doc + q2 after load_kv", after)
     served = [] if args.no_server else through_server(llm, [doc + q1, doc + q2], params)
@@ -197,19 +190,31 @@ def run(args) -> tuple[list[dict], str]:
     return rows, "\n\n".join(notes)
 
 
-def load_only(args, llm, doc, q1, params, uncached, rows, row) -> tuple[list[dict], str]:
-    """Save the cached document, drop the cache, load it back and ask q1 again: the saved-KV
-    figure alone, in one prefill instead of two."""
+def save_doc(args, llm: LLM, doc: list[int], row) -> tuple[Path, float]:
+    """Save the cached document's KV (the write alone: it is cached); (directory, seconds)."""
     save_dir = Path(args.save_dir or tempfile.mkdtemp(prefix="longctx-kv-"))
     start = time.perf_counter()
     saved = save_kv(llm.engine, doc, save_dir, shard_bytes=args.shard_mib * 2**20)
-    row("save_kv(doc), cached doc: the write", seconds=time.perf_counter() - start,
-        MiB=saved.num_bytes / 2**20)  # fmt: skip
-    llm.engine.scheduler.blocks.forget_cached()
+    save_s = time.perf_counter() - start
+    row("save_kv(doc), cached doc: the write", seconds=save_s, MiB=saved.num_bytes / 2**20)
+    return save_dir, save_s
+
+
+def load_doc(llm: LLM, save_dir: Path, row) -> float:
+    """Load saved KV into the (emptied) prefix cache; seconds."""
     start = time.perf_counter()
     loaded = llm.load_kv(save_dir)
     load_s = time.perf_counter() - start
     row("load_kv(doc)", seconds=load_s, MiB=loaded.num_bytes / 2**20)
+    return load_s
+
+
+def load_only(args, llm, doc, q1, params, uncached, rows, row) -> tuple[list[dict], str]:
+    """Save the cached document, drop the cache, load it back and ask q1 again: the saved-KV
+    figure alone, in one prefill instead of two."""
+    save_dir, _ = save_doc(args, llm, doc, row)
+    llm.engine.scheduler.blocks.forget_cached()
+    load_s = load_doc(llm, save_dir, row)
     after = timed_generate(llm, doc + q1, params)
     row("doc + q1 after load_kv", after)
     if not args.save_dir:

@@ -174,13 +174,12 @@ class GrammarMatcher:
 class MaskTimes:
     """Host seconds spent on grammar masks since start (what a benchmark reads to see whether
     the mask hides behind the forward pass): waiting for the previous step's tokens, advancing
-    the matchers over them, filling the bitmask; and the steps and rows masked."""
+    the matchers over them, filling the bitmask; and the steps masked."""
 
     wait_s: float = 0.0
     advance_s: float = 0.0
     fill_s: float = 0.0
     steps: int = 0
-    rows: int = 0
 
 
 class TokenMasks:
@@ -206,7 +205,6 @@ class TokenMasks:
         self._executor.unsafe_compute_mask_ptr(rows, bitmask.data_ptr(), words * 4, len(rows))
         self.times.fill_s += time.perf_counter() - start
         self.times.steps += 1
-        self.times.rows += len(rows)
         return bitmask
 
     def apply(self, logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:

@@ -142,24 +142,19 @@ def test_the_mask_fills_while_the_engine_completes_the_step_before(random_llm, m
     llm = random_llm(True)
     engine = llm.engine
     events: list[tuple[str, float, float]] = []
-    fill, complete = TokenMasks.fill, type(engine)._complete
 
-    def slow_fill(self, matchers):
-        start = time.perf_counter()
-        time.sleep(0.05)
-        out = fill(self, matchers)
-        events.append(("fill", start, time.perf_counter()))
-        return out
+    def slowed(kind: str, fn):
+        def wrapper(*args):
+            start = time.perf_counter()
+            time.sleep(0.05)
+            out = fn(*args)
+            events.append((kind, start, time.perf_counter()))
+            return out
 
-    def timed_complete(self, done):
-        start = time.perf_counter()
-        time.sleep(0.05)
-        out = complete(self, done)
-        events.append(("complete", start, time.perf_counter()))
-        return out
+        return wrapper
 
-    monkeypatch.setattr(TokenMasks, "fill", slow_fill)
-    monkeypatch.setattr(type(engine), "_complete", timed_complete)
+    monkeypatch.setattr(TokenMasks, "fill", slowed("fill", TokenMasks.fill))
+    monkeypatch.setattr(type(engine), "_complete", slowed("complete", type(engine)._complete))
     spec = StructuredOutput(json_object=True)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, structured_output=spec)
     out = llm.generate([[7, 8, 9]], params)[0]

@@ -235,7 +235,8 @@ class ModelRunner:
         """The token masks of the sequences with a grammar, filled by a worker thread (None:
         no grammar here). Started once the forward pass is queued; the thread waits for
         prev's tokens, advances the matchers over them and fills the bitmask while this
-        thread goes on (llguidance computes masks without the GIL)."""
+        thread goes on (which needs llguidance to release the GIL while it computes: the
+        test of this overlap sleeps instead, and on a GPU it is not measured yet)."""
         if all(s.grammar is None for s in seqs):
             return None
         # Snapshots: the engine appends prev's tokens to these lists while the job runs. A
